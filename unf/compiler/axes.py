@@ -84,7 +84,7 @@ class AxisGraph:
         """A fresh atom refined as the product / concatenation of existing atoms ``parts``."""
         if len(parts) == 1:
             return parts[0]
-        total = 1
+        total = 1 if kind == "prod" else 0
         for p in parts:
             total = total * self.size(p) if kind == "prod" else total + self.size(p)
         i = self.new(total)

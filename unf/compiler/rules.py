@@ -383,6 +383,32 @@ def embedding(ctx: RuleContext, a: Args) -> TVal:
     return TVal(list(idx.dims) + [w.dims[1]], ctx.out_shape())
 
 
+def gather(ctx: RuleContext, a: Args) -> TVal:
+    """gather along ``dim``: positions along it are data, so that axis is fixed; other axes pair up."""
+    x, idx = a["self"], a["index"]
+    d = _dim(a["dim"], x.ndim)
+    ctx.axes.fix_dims([x.dims[d]])
+    for i in range(x.ndim):
+        if i != d:
+            if x.shape[i] == idx.shape[i] and not x.uniform and not idx.uniform:
+                ctx.unify(x.dims[i], idx.dims[i])
+            else:
+                ctx.fix(x, idx)
+                return ctx.fresh(ctx.out_shape(), fixed=True)
+    return TVal(list(idx.dims), ctx.out_shape())
+
+
+def index_select(ctx: RuleContext, a: Args) -> TVal:
+    """index_select along ``dim``: that axis is indexed by data (fixed); the rest are carried."""
+    x, idx = a["self"], a["index"]
+    d = _dim(a["dim"], x.ndim)
+    ctx.axes.fix_dims([x.dims[d]])
+    ctx.fix(idx)
+    dims = list(x.dims)
+    dims[d] = idx.dims[0] if idx.ndim else []
+    return TVal(dims, ctx.out_shape())
+
+
 def _conv(ctx: RuleContext, x: TVal, w: TVal, b: Any, groups: int, transposed: bool) -> TVal:
     """Convolutions: channels are permutable (grouped: group x within-group); spatial axes are fixed."""
     k = w.ndim - 2
@@ -649,7 +675,7 @@ RULES.update({
     "aten.matmul": matmul, "aten.mm": matmul, "aten.bmm": matmul,
     "aten.addmm": addmm, "aten.baddbmm": addmm,
     "aten.einsum": einsum,
-    "aten.embedding": embedding,
+    "aten.embedding": embedding, "aten.gather": gather, "aten.index_select": index_select,
     "aten.convolution": conv, "aten.conv1d": conv, "aten.conv2d": conv, "aten.conv3d": conv,
     "aten.conv_transpose1d": conv, "aten.conv_transpose2d": conv, "aten.conv_transpose3d": conv,
     "aten.layer_norm": layer_norm, "aten.native_layer_norm": layer_norm, "aten.rms_norm": layer_norm,

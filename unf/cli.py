@@ -1,0 +1,145 @@
+"""The ``unf`` command line: ``unf demo``, ``unf spec MODULE:FACTORY``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["main"]
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as ``unf: error: ...`` with exit status 2."""
+
+
+def _load_factory(target: str) -> Callable[[], Any]:
+    if ":" not in target:
+        raise CLIError(f"expected MODULE:FACTORY (e.g. unf.models:transformer_example), got {target!r}")
+    module_name, attr = target.split(":", 1)
+    sys.path.insert(0, os.getcwd())  # let users point at a file in the current directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise CLIError(f"cannot import module {module_name!r}: {e}") from e
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise CLIError(f"module {module_name!r} has no callable {attr!r}")
+    return factory
+
+
+def _call_factory(target: str) -> tuple[Any, Any]:
+    import torch
+
+    result = _load_factory(target)()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module)):
+        raise CLIError(f"{target} must return (model, example_inputs) with model an nn.Module, "
+                       f"got {type(result).__name__}")
+    return result
+
+
+def _to_float64(model: Any, inputs: Any) -> tuple[Any, Any]:
+    import torch
+
+    model = model.double()
+    if isinstance(inputs, torch.Tensor):
+        return model, inputs.double() if inputs.is_floating_point() else inputs
+    return model, tuple(x.double() if x.is_floating_point() else x for x in inputs)
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    import unf
+
+    model, inputs = _call_factory(args.factory)
+    if args.float64:
+        model, inputs = _to_float64(model, inputs)
+    start = time.perf_counter()
+    spec = unf.derive_spec(model, inputs)
+    elapsed = time.perf_counter() - start
+    if args.json:
+        print(spec.to_json(indent=2))
+    else:
+        print(spec)
+        print(f"derived in {elapsed:.2f} s")
+    if args.check:
+        report = unf.check_spec(model, spec, inputs, trials=args.check)
+        print(report, file=sys.stderr if args.json else sys.stdout)
+        return 0 if report.ok else 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    import unf
+    from unf import models
+
+    torch.manual_seed(args.seed)
+    ok = True
+    for title, factory in (("a small pre-LN transformer LM", models.transformer_example),
+                           ("a CNN with BatchNorm", models.cnn_example)):
+        model, inputs = factory()
+        model, inputs = _to_float64(model, inputs)
+        unf.randomize_(model, torch.Generator().manual_seed(args.seed))
+        start = time.perf_counter()
+        spec = unf.derive_spec(model, inputs)
+        elapsed = time.perf_counter() - start
+        print(f"== {title}: {type(model).__name__}, derived in {elapsed:.2f} s ==")
+        print(spec)
+        report = unf.check_spec(model, spec, inputs, trials=args.trials,
+                                generator=torch.Generator().manual_seed(args.seed))
+        print(report)
+        print()
+        ok &= report.ok
+    print("All specs preserve the function." if ok else "A spec check FAILED.")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unf", description="universal-neural-functionals command line")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="derive and validate the specs of built-in models")
+    demo.add_argument("--trials", type=int, default=20, help="random permutations per check (default 20)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    spec = sub.add_parser("spec", help="derive and print the weight-space spec of a model")
+    spec.add_argument("factory", help="MODULE:FACTORY returning (model, example_inputs)")
+    spec.add_argument("--json", action="store_true", help="print the spec as JSON")
+    spec.add_argument("--check", type=int, default=0, metavar="N",
+                      help="also verify the spec with N random permutations (exit 1 if it fails)")
+    spec.add_argument("--float64", action="store_true", help="convert model and inputs to float64 first")
+    spec.set_defaults(func=cmd_spec)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            return args.func(args)
+    except KeyboardInterrupt:
+        print("unf: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug:
+            raise
+        from unf.compiler import SpecError
+
+        kind = "" if isinstance(e, (CLIError, SpecError)) else f"{type(e).__name__}: "
+        print(f"unf: error: {kind}{e}", file=sys.stderr)
+        if not isinstance(e, (CLIError, SpecError)):
+            print("unf: run with --debug for the full traceback", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
