@@ -103,7 +103,8 @@ class ConcatBlock(nn.Module):
 class TokenNet(nn.Module):
     def __init__(self, d_in, d, blocks, classes, pool):
         super().__init__()
-        self.inp, self.blocks, self.head, self.pool = nn.Linear(d_in, d), nn.ModuleList(blocks), nn.Linear(d, classes), pool
+        self.inp, self.blocks = nn.Linear(d_in, d), nn.ModuleList(blocks)
+        self.head, self.pool = nn.Linear(d, classes), pool
 
     def forward(self, x):
         h = self.inp(x)

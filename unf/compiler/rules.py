@@ -343,9 +343,6 @@ def _matmul_dims(ctx: RuleContext, x: TVal, y: TVal, shape: tuple[int, ...]) -> 
 
 def matmul(ctx: RuleContext, a: Args) -> TVal:
     x, y = a["self"], a.get("other", a.get("mat2"))
-    if x.uniform or y.uniform:
-        # a uniform factor still contracts the other's axis: sum over it is permutation invariant
-        pass
     return _matmul_dims(ctx, x, y, ctx.out_shape())
 
 
