@@ -323,3 +323,49 @@ def test_spec_json_round_trip_of_derived_spec(derived):
     again = WeightSpaceSpec.from_json(spec.to_json())
     assert again == spec
     assert check_spec(model, again, x, trials=3).ok
+
+
+def test_in_place_writes_through_views_are_functionalized():
+    class Writes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(6, 2)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 6, dtype=x.dtype)
+            h[:, :4] = torch.relu(self.a(x))  # slice + copy_ in export's IR
+            return self.b(h)
+
+    model, x = build_from(lambda: (Writes(), torch.randn(5, 3, dtype=torch.float64)))
+    spec = derive_spec(model, x)
+    assert check_spec(model, spec, x, trials=TRIALS).ok
+    hidden = spec["a.weight"].axes[0]
+    b = [e for e in spec.entries if e.source == "b.weight"]
+    assert hidden is not None and b[0].axes == (None, hidden)  # columns 0:4 read the written block
+
+
+def test_in_place_arithmetic_with_positional_factor_is_fixed():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = torch.zeros(x.shape[0], 4, dtype=x.dtype)
+            h.add_(self.a(x))
+            h.mul_(torch.linspace(0.5, 1.5, 4, dtype=x.dtype))  # position-dependent scale
+            return self.b(h)
+
+    model, x = build_from(lambda: (Scaled(), torch.randn(5, 3, dtype=torch.float64)))
+    spec = derive_spec(model, x)
+    assert spec["a.weight"].axes == (None, None)
+    assert check_spec(model, spec, x, trials=TRIALS).ok
+
+
+def test_grouped_conv_structure(derived):
+    _, _, spec = derived("conv1d_grouped")
+    w = spec["c2.weight"]
+    # out channels = 4 conv groups x 2, and GroupNorm(2) reads them as 2 x 4: the common refinement is 2 x 2 x 2
+    assert w.shape == (2, 2, 2, 2, 3)  # (gn group, conv group within it, out per conv group, in per group, k)
+    assert None not in w.axes[:4] and w.axes[4] is None
+    assert spec["gn.weight"].axes == w.axes[:3]

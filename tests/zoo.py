@@ -40,6 +40,23 @@ class EncoderClassifier(nn.Module):
         return self.fc(self.enc(x).mean(1))
 
 
+class Conv1dNet(nn.Module):
+    """1-D convolutions: a grouped conv, a depthwise conv, GroupNorm, global pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv1d(8, 8, 3, padding=1, groups=4)
+        self.gn = nn.GroupNorm(2, 8)
+        self.dw = nn.Conv1d(8, 8, 5, padding=2, groups=8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = torch.relu(self.gn(self.c2(h)))
+        return self.fc(torch.tanh(self.dw(h)).mean(-1))
+
+
 class LogitsOnly(nn.Module):
     """HF models return ModelOutput; the spec of the wrapped model is the model's own (prefix 'model.')."""
 
@@ -86,6 +103,7 @@ ARCHITECTURES = {
     "mlp": lambda: (models.MLP((6, 8, 7, 3)), torch.randn(5, 6)),
     "mlp_nobias": lambda: (models.MLP((6, 8, 7, 3), bias=False), torch.randn(5, 6)),
     "cnn_bn": lambda: (models.SmallCNN(3, (4, 6), 5, image_size=8), torch.randn(2, 3, 8, 8)),
+    "conv1d_grouped": lambda: (Conv1dNet(), torch.randn(2, 3, 10)),
     "resnet": lambda: (models.TinyResNet(3, (4, 6), 5), torch.randn(2, 3, 8, 8)),
     "lstm": lambda: (RNNHead(nn.LSTM), torch.randn(2, 5, 4)),
     "gru": lambda: (RNNHead(nn.GRU), torch.randn(2, 5, 4)),

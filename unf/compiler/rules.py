@@ -199,6 +199,64 @@ def split(ctx: RuleContext, a: Args) -> list[TVal]:
     return out
 
 
+def copy(ctx: RuleContext, a: Args) -> TVal:
+    """copy(self, src): the values are src's, broadcast to self's shape."""
+    return ctx.broadcast([a["src"]], ctx.out_shape())
+
+
+def _scatter_window(ctx: RuleContext, x: TVal, src: TVal, d: int, start: int, stop: int) -> TVal:
+    """``x`` with ``[start, stop)`` along axis ``d`` replaced by ``src`` (same rank as ``x``)."""
+    shape = ctx.out_shape()
+    if src.uniform and x.uniform:
+        return ctx.fresh(shape, uniform=True)
+    dims: list[list[int]] = []
+    for i in range(x.ndim):
+        if i == d:
+            dims.append([])
+            continue
+        if not x.uniform and not src.uniform:
+            ctx.unify(x.dims[i], src.dims[i])
+        dims.append((src if x.uniform else x).dims[i])
+    if not x.uniform:
+        window = ctx.slice(x.dims[d], start, stop)
+        if window is None:
+            ctx.fix(x, src)
+            return ctx.fresh(shape, fixed=True)
+        if not src.uniform:
+            ctx.unify(window, src.dims[d])
+        dims[d] = x.dims[d]
+    else:  # writing into zeros: the untouched parts are constant, so they permute freely
+        n = shape[d]
+        middle = (ctx.axes.compose("prod", ctx.axes.leaves(src.dims[d])) if stop - start > 1
+                  else ctx.axes.new(1))
+        parts = [p for p in (ctx.axes.new(start) if start else None, middle,
+                             ctx.axes.new(n - stop) if n > stop else None) if p is not None]
+        dims[d] = [ctx.axes.compose("seg", parts)] if n > 1 else []
+    return TVal(dims, shape)
+
+
+def slice_scatter(ctx: RuleContext, a: Args) -> TVal:
+    x, src = a["self"], a["src"]
+    d = _dim(a.get("dim", 0), x.ndim)
+    n = x.shape[d]
+    start = a.get("start") or 0
+    end = n if a.get("end") is None else min(n, a["end"] + n if a["end"] < 0 else a["end"])
+    start = start + n if start < 0 else start
+    if a.get("step", 1) != 1:
+        return fallback(ctx, a)
+    return _scatter_window(ctx, x, src, d, start, end)
+
+
+def select_scatter(ctx: RuleContext, a: Args) -> TVal:
+    x, src = a["self"], a["src"]
+    d = _dim(a["dim"], x.ndim)
+    i = a["index"] + x.shape[d] if a["index"] < 0 else a["index"]
+    shape = list(src.shape)
+    shape.insert(d, 1)
+    src1 = TVal(list(src.dims[:d]) + [[]] + list(src.dims[d:]), tuple(shape), src.uniform)
+    return _scatter_window(ctx, x, src1, d, i, i + 1)
+
+
 def cat(ctx: RuleContext, a: Args) -> TVal:
     """Concatenation: the new axis is a sum of the pieces' axes; the other axes are tied across pieces."""
     shape = ctx.out_shape()
@@ -616,7 +674,7 @@ mish elu selu celu leaky_relu hardtanh hardsigmoid hardswish softplus softshrink
 log_sigmoid clamp clamp_min clamp_max nan_to_num isnan isinf isfinite logical_not bitwise_not
 add sub rsub mul div true_divide floor_divide remainder fmod pow maximum minimum fmax fmin atan2 hypot copysign
 eq ne lt le gt ge logical_and logical_or logical_xor bitwise_and bitwise_or bitwise_xor where masked_fill
-lerp addcmul addcdiv xlogy copy
+lerp addcmul addcdiv xlogy
 """
 _IDENTITY = """
 clone contiguous alias detach lift_fresh_copy lift_fresh to _to_copy type_as dropout native_dropout
@@ -659,6 +717,7 @@ RULES.update({
     "aten.slice": slice_, "aten.narrow": narrow, "aten.select": select,
     "aten.split": split, "aten.split_with_sizes": split, "aten.chunk": split, "aten.unbind": split,
     "aten.tensor_split": split, "aten.unsafe_split": split,
+    "aten.copy": copy, "aten.slice_scatter": slice_scatter, "aten.select_scatter": select_scatter,
     "aten.cat": cat, "aten.concat": cat, "aten.concatenate": cat, "aten.stack": stack,
     "aten.constant_pad_nd": pad,
     "aten.cumsum": positional("dim"), "aten.cumprod": positional("dim"), "aten.cummax": positional("dim"),

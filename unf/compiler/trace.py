@@ -76,8 +76,25 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:400]
 
 
+# Ops whose schema says "mutable" but that change only autograd metadata, not values.
+_BENIGN_MUTATIONS = {"detach_", "_set_grad_enabled"}
+
+
+def _mutates(program: torch.export.ExportedProgram) -> bool:
+    for node in program.graph.nodes:
+        schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+        if schema is not None and schema.is_mutable and schema.name.split("::")[-1] not in _BENIGN_MUTATIONS:
+            return True
+    return False
+
+
 def export_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.export.ExportedProgram:
-    """Export ``model`` (in eval mode) to an ATen graph whose outputs are a flat tuple of tensors."""
+    """Export ``model`` (in eval mode) to a functional ATen graph whose outputs are a flat tuple of tensors.
+
+    Export's training IR may keep in-place writes through views (``h[:, :4] = x``), which a per-op analysis
+    would misread; such graphs are functionalized (``run_decompositions({})``: writes become ``*_scatter``
+    ops, high-level ops such as ``linear`` and ``lstm`` are kept). Graphs without writes skip that cost.
+    """
     if not isinstance(model, nn.Module):
         raise SpecError(f"derive_spec needs a torch.nn.Module, got {type(model).__name__}")
     for i, x in enumerate(inputs):
@@ -87,8 +104,9 @@ def export_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.expo
     wrapper = _TensorOutputs(model)
     with eval_mode(model), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The tensor attributes .*_flat_weights")
+        warnings.filterwarnings("ignore", category=FutureWarning, message=".*LeafSpec")
         try:
-            return torch.export.export(wrapper, tuple(inputs), strict=False)
+            program = torch.export.export(wrapper, tuple(inputs), strict=False)
         except Exception as export_error:  # diagnose: is it the inputs or the model?
             try:
                 with torch.no_grad():
@@ -107,3 +125,13 @@ def export_model(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.expo
                 "Try making control flow depend on shapes only, or wrap the model so forward() takes and "
                 "returns tensors; see torch.export's troubleshooting guide."
             ) from export_error
+        if _mutates(program):
+            try:
+                program = program.run_decompositions({})
+            except Exception as e:
+                raise SpecError(
+                    f"{type(model).__name__} writes into tensors in place and the graph could not be "
+                    f"functionalized ({type(e).__name__}: {_first_line(e)}); rewrite the in-place writes "
+                    "(e.g. h[:, :k] = x) functionally (torch.cat, torch.where)."
+                ) from e
+    return program
