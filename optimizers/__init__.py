@@ -1,3 +1,29 @@
-"""Learned optimizers as ``torch.optim.Optimizer`` subclasses (built in a later issue)."""
+"""Learned optimizers as drop-in ``torch.optim.Optimizer`` subclasses.
 
-__all__: list[str] = []
+Quick start::
+
+    import optimizers
+    opt = optimizers.LearnedOptimizer(model.parameters(), optimizers.LearnedRule(optimizers.DeepSet()))
+
+The update rule and features are documented in :mod:`optimizers.rule` and :mod:`optimizers.features`.
+"""
+
+from .families import FAMILIES, DeepSet, DeepSetLayer, PerParamMLP
+from .features import MOMENTUM_DECAYS, N_FEATURES, Segments, compute_features
+from .optimizer import LearnedOptimizer
+from .rule import LearnedRule, RuleState, init
+
+__all__ = [
+    "LearnedOptimizer",
+    "LearnedRule",
+    "RuleState",
+    "init",
+    "PerParamMLP",
+    "DeepSet",
+    "DeepSetLayer",
+    "FAMILIES",
+    "Segments",
+    "compute_features",
+    "MOMENTUM_DECAYS",
+    "N_FEATURES",
+]

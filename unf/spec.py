@@ -24,10 +24,12 @@ Permutation = dict[str, torch.Tensor]
 Step = tuple
 
 
-def _apply_steps(t: torch.Tensor, steps: Sequence[Step]) -> torch.Tensor:
+def _apply_steps(t: torch.Tensor, steps: Sequence[Step], trailing: int = 0) -> torch.Tensor:
+    """Apply view/narrow steps to the leading axes of ``t`` (``trailing`` axes, e.g. channels, are kept)."""
+    rest = tuple(t.shape[t.dim() - trailing :]) if trailing else ()
     for step in steps:
         if step[0] == "view":
-            t = t.view(tuple(step[1]))
+            t = t.view(tuple(step[1]) + rest)
         else:
             t = t.narrow(step[1], step[2], step[3])
     return t
@@ -62,9 +64,12 @@ class Entry:
             raise ValueError(f"entry {self.name!r}: shape {self.shape} has {len(self.shape)} axes but "
                              f"axes {self.axes} has {len(self.axes)}")
 
-    def view(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This entry's view of its source tensor (shares storage)."""
-        return _apply_steps(tensor, self.steps)
+    def view(self, tensor: torch.Tensor, trailing: int = 0) -> torch.Tensor:
+        """This entry's view of its source tensor (shares storage).
+
+        ``trailing`` extra axes at the end of ``tensor`` (e.g. feature channels) are carried along untouched.
+        """
+        return _apply_steps(tensor, self.steps, trailing)
 
     @property
     def permuted_axes(self) -> tuple[int, ...]:

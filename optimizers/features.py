@@ -1,0 +1,72 @@
+"""Per-element input features of a learned optimizer (UNF paper / Harrison et al. 2022).
+
+For every parameter element the learned function ``f`` sees 19 channels:
+
+- 8 *tensor* channels: the parameter, its gradient, and momenta at decays
+  ``MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)``. Each channel is divided by its root mean square over
+  the element's *segment* (a parameter tensor, or a spec entry for the UNF optimizer). This makes ``f`` blind to
+  the scale of the weights and gradients: multiplying a loss by 1000 leaves the features unchanged.
+- 11 *step* channels: a fixed sinusoidal encoding of the step count ``t`` (log-spaced periods 1 ... 1e5,
+  alternating sine and cosine), shared by all elements.
+
+Everything here is a pure function of tensors (no in-place updates, no host syncs), so it runs inside
+``torch.func`` transforms during meta-training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["MOMENTUM_DECAYS", "N_TENSOR_FEATURES", "N_STEP_FEATURES", "N_FEATURES", "Segments", "step_encoding",
+           "segment_mean", "compute_features"]
+
+MOMENTUM_DECAYS = (0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
+N_TENSOR_FEATURES = 2 + len(MOMENTUM_DECAYS)
+N_STEP_FEATURES = 11
+N_FEATURES = N_TENSOR_FEATURES + N_STEP_FEATURES
+_PERIODS = tuple(10 ** (5 * k / (N_STEP_FEATURES - 1)) for k in range(N_STEP_FEATURES))
+_EPS = 1e-24  # added to mean squares; far below any fp32 gradient scale that matters
+
+
+@dataclass(frozen=True)
+class Segments:
+    """Which segment (tensor or spec entry) each element of a flat parameter vector belongs to."""
+
+    ids: torch.Tensor  # (N,) int64
+    counts: torch.Tensor  # (T,) float32, elements per segment
+    n: int
+
+    @classmethod
+    def from_sizes(cls, sizes: list[int], device: torch.device | str = "cpu") -> Segments:
+        sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
+        ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
+        return cls(ids, sizes_t.to(torch.float32), len(sizes))
+
+    def to(self, device: torch.device | str) -> Segments:
+        return Segments(self.ids.to(device), self.counts.to(device), self.n)
+
+
+def step_encoding(step: torch.Tensor) -> torch.Tensor:
+    """(11,) encoding of a scalar step tensor: sin/cos of ``t / tau`` for log-spaced ``tau`` in [1, 1e5]."""
+    periods = torch.tensor(_PERIODS, dtype=torch.float32, device=step.device)
+    phase = torch.tensor([0.0 if k % 2 == 0 else math.pi / 2 for k in range(N_STEP_FEATURES)], device=step.device)
+    return torch.sin(step.float() / periods + phase)
+
+
+def segment_mean(x: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """Mean of ``x`` (N, C) over each segment: (T, C)."""
+    sums = torch.zeros(seg.n, x.shape[1], dtype=x.dtype, device=x.device).index_add(0, seg.ids, x)
+    return sums / seg.counts.to(x.dtype)[:, None]
+
+
+def compute_features(param: torch.Tensor, grad: torch.Tensor, momenta: torch.Tensor, step: torch.Tensor,
+                     seg: Segments) -> torch.Tensor:
+    """(N, 19) features from flat ``param`` (N,), ``grad`` (N,), feature ``momenta`` (6, N) and ``step``."""
+    raw = torch.cat([param[None], grad[None], momenta], dim=0).T  # (N, 8)
+    rms = torch.rsqrt(segment_mean(raw * raw, seg) + _EPS)  # (T, 8)
+    tensor_feats = raw * rms[seg.ids]
+    step_feats = step_encoding(step).expand(raw.shape[0], N_STEP_FEATURES)
+    return torch.cat([tensor_feats, step_feats], dim=1)

@@ -1,0 +1,165 @@
+"""``LearnedOptimizer``: a ``torch.optim.Optimizer`` over the pure rule in :mod:`optimizers.rule`.
+
+Drop-in for ``torch.optim`` code: ``step(closure=None)`` returns the closure's loss, parameters whose ``grad`` is
+None are skipped, ``zero_grad``, ``add_param_group``, step hooks, LR schedulers and ``GradScaler`` all work, and
+``state_dict()`` / ``load_state_dict()`` round-trip exactly (optimizer state is fp32 whatever the parameter dtype).
+
+Speed: each param group keeps its state in one flat fp32 buffer; a step concatenates parameters and gradients
+once, runs the rule as a handful of whole-buffer kernels (no per-tensor loops with host syncs), and writes back
+with ``torch._foreach_add_``. Per-parameter ``state[p]`` entries are views into the flat buffers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .features import Segments
+from .rule import N_MOMENTA, LearnedRule, RuleState
+
+__all__ = ["LearnedOptimizer"]
+
+
+class _Flat:
+    """One param group's flat state: params, their segments, momenta (7, N), step, skipped counts per tensor."""
+
+    def __init__(self, params: list[torch.Tensor], segments: Segments, momenta: torch.Tensor, step: torch.Tensor,
+                 skipped: torch.Tensor):
+        self.params = params
+        self.numels = [p.numel() for p in params]
+        self.segments = segments
+        self.momenta = momenta
+        self.step = step
+        self.skipped = skipped
+        self.tensor_ids = Segments.from_sizes(self.numels, momenta.device).ids
+
+
+class LearnedOptimizer(Optimizer):
+    """A learned optimizer (see :mod:`optimizers.rule` for the update).
+
+    Args:
+        params: parameters or param groups, as for any ``torch.optim`` optimizer.
+        rule: the meta-parameters (``f`` and the scalars); a fresh :class:`LearnedRule` is fine to start from.
+        lr: multiplier on the learned step size ``alpha`` (schedulers change it).
+        segments_for: optional ``params -> list of segment sizes`` hook; by default each parameter tensor is one
+            segment (the unit DeepSet layers pool over).
+    """
+
+    def __init__(self, params: Iterable[Any], rule: LearnedRule, lr: float = 1.0,
+                 segments_for: Callable[[list[torch.Tensor]], Segments] | None = None):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not isinstance(rule, LearnedRule):
+            raise TypeError(f"rule must be an optimizers.LearnedRule, got {type(rule).__name__}")
+        super().__init__(params, dict(lr=lr))
+        self.rule = rule
+        self._segments_for = segments_for
+        self._flat: dict[int, _Flat] = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError("LearnedOptimizer does not support sparse parameters")
+
+    # ------------------------------------------------------------------ state layout
+    def _segments(self, params: list[torch.Tensor], device: torch.device) -> Segments:
+        if self._segments_for is not None:
+            return self._segments_for(params).to(device)
+        return Segments.from_sizes([p.numel() for p in params], device)
+
+    def _flat_for(self, index: int, group: dict) -> _Flat:
+        flat = self._flat.get(index)
+        params = group["params"]
+        if flat is not None and len(flat.params) == len(params):
+            return flat
+        device = params[0].device
+        existing = [self.state.get(p, {}) for p in params]
+        if all("momenta" in s for s in existing):  # after load_state_dict: adopt the loaded state
+            momenta = torch.cat([s["momenta"].reshape(N_MOMENTA, -1).to(device, torch.float32) for s in existing], 1)
+            step = existing[0]["step"].detach().to(device, torch.float32).clone()
+            skipped = torch.stack([s.get("nonfinite_skipped", torch.zeros((), dtype=torch.int64)).to(device)
+                                   for s in existing]).to(torch.int64)
+        else:
+            n = sum(p.numel() for p in params)
+            momenta = torch.zeros(N_MOMENTA, n, device=device)
+            step = torch.zeros((), device=device)
+            skipped = torch.zeros(len(params), dtype=torch.int64, device=device)
+        flat = _Flat(list(params), self._segments(list(params), device), momenta, step, skipped)
+        offset = 0
+        for i, p in enumerate(params):  # per-parameter state: views into the flat buffers
+            n = p.numel()
+            self.state[p] = {"momenta": momenta[:, offset : offset + n].view(N_MOMENTA, *p.shape), "step": step,
+                             "nonfinite_skipped": skipped[i]}
+            offset += n
+        self._flat[index] = flat
+        return flat
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = group["params"]
+            if not params or all(p.grad is None for p in params):
+                continue
+            flat = self._flat_for(index, group)
+            if next(self.rule.parameters()).device != flat.momenta.device:
+                self.rule.to(flat.momenta.device)
+            missing = any(p.grad is None for p in params)
+            for p in params:
+                if p.grad is not None and p.grad.is_sparse:
+                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
+                              for p in params])
+            active = None
+            if missing:
+                active = torch.cat([torch.full((p.numel(),), p.grad is not None, device=grad.device)
+                                    for p in params])
+            param = torch.cat([p.detach().reshape(-1).float() for p in params])
+            new_param, new, skipped = self.rule.update(param, grad, RuleState(flat.momenta, flat.step),
+                                                       flat.segments, lr=group["lr"], active=active)
+            flat.momenta.copy_(new.momenta)
+            flat.step.copy_(new.step)
+            flat.skipped.index_add_(0, flat.tensor_ids, skipped.to(torch.int64))
+            torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
+        return loss
+
+    # ------------------------------------------------------------------ param groups and state
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # groups are indexed by position; a new group gets fresh flat buffers on its first step
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["rule"] = {k: v.detach().clone() for k, v in self.rule.state_dict().items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        rule_state = state_dict.pop("rule", None)
+        super().load_state_dict(state_dict)
+        # torch.optim casts state to each parameter's dtype; our state is fp32 whatever the parameter dtype
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is not None and "momenta" in saved:
+                self.state[p]["momenta"] = saved["momenta"].to(device=p.device, dtype=torch.float32)
+                self.state[p]["step"] = saved["step"].to(device=p.device, dtype=torch.float32)
+        if rule_state is not None:
+            self.rule.load_state_dict(rule_state)
+        self._flat = {}
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Total number of element updates skipped because of NaN/Inf gradients (a host sync; for logging)."""
+        return int(sum(int(f.skipped.sum()) for f in self._flat.values()))
+
+    def meta_parameters(self) -> Iterable[nn.Parameter]:
+        return self.rule.parameters()

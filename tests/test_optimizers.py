@@ -1,0 +1,281 @@
+"""Learned optimizers: the torch.optim contract, SGD equivalence, safety, and the functional rule."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import optimizers as O
+from optimizers.features import Segments, compute_features
+
+FAMILIES = {"mlp": lambda: O.PerParamMLP(hidden=16), "deepset": lambda: O.DeepSet(hidden=16)}
+
+
+def small_model(seed: int = 0, dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).to(dtype)
+
+
+def batch(seed: int = 0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randn(16, 3, generator=g, dtype=dtype)
+
+
+def loss_fn(model, x, y):
+    return ((model(x) - y) ** 2).mean()
+
+
+def active_rule(family: str, seed: int = 0, **kw) -> O.LearnedRule:
+    """A rule whose learned term is non-zero (random f weights), to exercise the whole path."""
+    torch.manual_seed(seed)
+    rule = O.LearnedRule(FAMILIES[family](), **kw)
+    for p in rule.f.parameters():
+        nn.init.normal_(p, std=0.5)
+    return rule
+
+
+def train(model, opt, steps, seed=0, closure=False):
+    x, y = batch(seed, next(model.parameters()).dtype)
+    losses = []
+    for _ in range(steps):
+        def step_closure():
+            opt.zero_grad()
+            loss = loss_fn(model, x, y)
+            loss.backward()
+            return loss
+
+        if closure:
+            losses.append(float(opt.step(step_closure).detach()))
+        else:
+            losses.append(float(step_closure().detach()))
+            opt.step()
+    return losses
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_beta_zero_reproduces_sgd_momentum(family):
+    a, b = small_model(), small_model()
+    opt = O.LearnedOptimizer(a.parameters(), active_rule(family, beta=0.0, alpha=0.1, gamma0=0.9))
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    train(a, opt, 100)
+    train(b, sgd, 100)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert torch.equal(p, q)  # in fact bit for bit (same fused multiply-add)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_step_with_closure_returns_loss_and_trains(family):
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule(family))
+    losses = train(model, opt, 30, closure=True)
+    assert losses[-1] < losses[0]
+
+
+def test_parameter_without_grad_is_skipped():
+    model = small_model()
+    frozen = model[2].weight
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("deepset"))
+    x, y = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        frozen.grad = None
+        before = frozen.detach().clone()
+        opt.step()
+        assert torch.equal(frozen, before)
+    assert torch.count_nonzero(opt.state[frozen]["momenta"]) == 0
+    assert torch.count_nonzero(opt.state[model[0].weight]["momenta"]) > 0
+    # nothing has a gradient: step is a no-op
+    opt.zero_grad(set_to_none=True)
+    assert all(p.grad is None for p in model.parameters())
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert all(torch.equal(p, s) for p, s in zip(model.parameters(), snapshot))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_add_param_group(family):
+    model = small_model()
+    opt = O.LearnedOptimizer(model[0].parameters(), active_rule(family))
+    opt.add_param_group({"params": model[2].parameters(), "lr": 0.5})
+    assert opt.param_groups[1]["lr"] == 0.5
+    before = model[2].weight.detach().clone()
+    train(model, opt, 2)
+    assert not torch.equal(model[2].weight, before)
+    assert opt.state[model[2].weight]["momenta"].shape == (7, 3, 12)
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("deepset"))
+    train(model, opt, 5)
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    train(model, opt, 5)
+
+    clone = small_model(seed=123)
+    clone.load_state_dict(saved_model)
+    opt2 = O.LearnedOptimizer(clone.parameters(), O.LearnedRule(O.DeepSet(hidden=16)))  # rule comes from the dict
+    opt2.load_state_dict(saved_opt)
+    train(clone, opt2, 5)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(opt.state[p]["momenta"], opt2.state[q]["momenta"])
+
+
+def test_state_dict_keeps_fp32_state_across_dtype_casts():
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("mlp"))
+    train(model, opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    half = small_model(dtype=torch.bfloat16)
+    opt_half = O.LearnedOptimizer(half.parameters(), O.LearnedRule(O.PerParamMLP(hidden=16)))
+    opt_half.load_state_dict(sd)
+    for p, q in zip(model.parameters(), half.parameters()):
+        assert opt_half.state[q]["momenta"].dtype == torch.float32  # torch.optim would have cast to bf16
+        assert torch.equal(opt_half.state[q]["momenta"], opt.state[p]["momenta"])
+    train(half, opt_half, 3)
+    assert all(p.dtype == torch.bfloat16 and torch.isfinite(p).all() for p in half.parameters())
+
+
+def test_step_hooks_fire():
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("mlp"))
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+    train(model, opt, 2)
+    assert calls == ["pre", "post", "pre", "post"]
+
+
+def test_lr_scheduler_scales_the_step():
+    a, b = small_model(), small_model()
+    opt = O.LearnedOptimizer(a.parameters(), active_rule("mlp", beta=0.0, alpha=0.1))
+    sgd = torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9)
+    # lr multiplies alpha: lr=1.0 here is SGD's 0.1; both schedules halve every 3 steps
+    s1 = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    s2 = torch.optim.lr_scheduler.StepLR(sgd, step_size=3, gamma=0.5)
+    for _ in range(10):
+        train(a, opt, 1)
+        train(b, sgd, 1)
+        s1.step()
+        s2.step()
+    assert opt.param_groups[0]["lr"] == 1.0 * 0.5 ** 3
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_grad_scaler_skips_steps_with_infs():
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("deepset"))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = batch()
+    for i in range(6):
+        opt.zero_grad()
+        scaler.scale(loss_fn(model, x, y)).backward()
+        if i % 2 == 1:
+            model[0].weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        scale = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert changed == (i % 2 == 0)
+        if i % 2 == 1:
+            assert scaler.get_scale() < scale
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_nan_inf_gradients_never_reach_parameters(family):
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule(family))
+    gen = torch.Generator().manual_seed(0)
+    x, y = batch()
+    for _ in range(1000):
+        opt.zero_grad()
+        loss_fn(model, x, y).backward()
+        for p in model.parameters():
+            bad = torch.rand(p.shape, generator=gen) < 0.05
+            values = torch.tensor([float("nan"), float("inf"), -float("inf")])[
+                torch.randint(0, 3, p.shape, generator=gen)]
+            p.grad = torch.where(bad, values, p.grad)
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(s["momenta"]).all() for s in opt.state.values())
+    skipped = opt.nonfinite_skipped
+    total = sum(p.numel() for p in model.parameters()) * 1000
+    assert 0.03 * total < skipped < 0.07 * total
+
+
+def test_learned_term_is_bounded():
+    model = small_model()
+    rule = active_rule("mlp", beta=1.0, alpha=0.1)
+    for p in rule.f.parameters():
+        nn.init.constant_(p, 1e6)  # a wildly bad f
+    opt = O.LearnedOptimizer(model.parameters(), rule)
+    before = [p.detach().clone() for p in model.parameters()]
+    train(model, opt, 1)
+    grads = [p.grad for p in model.parameters()]
+    for p, q, g in zip(model.parameters(), before, grads):
+        step = (p - q).abs()
+        assert (step <= 0.1 * (g.abs() + rule.bound) + 1e-6).all()
+
+
+def test_features_are_scale_invariant_and_shaped():
+    gen = torch.Generator().manual_seed(0)
+    p, g = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
+    m = torch.randn(6, 10, generator=gen)
+    seg = Segments.from_sizes([4, 6])
+    f1 = compute_features(p, g, m, torch.tensor(5.0), seg)
+    f2 = compute_features(p * 1000, g * 1e-3, m * 7, torch.tensor(5.0), seg)
+    assert f1.shape == (10, O.N_FEATURES) == (10, 19)
+    torch.testing.assert_close(f1, f2)
+    # each tensor channel has unit RMS over each segment
+    torch.testing.assert_close((f1[:4, :8] ** 2).mean(0), torch.ones(8))
+
+
+def test_deepset_is_equivariant_within_segments():
+    torch.manual_seed(0)
+    f = O.DeepSet(hidden=8)
+    for p in f.parameters():
+        nn.init.normal_(p)
+    seg = Segments.from_sizes([5, 7])
+    x = torch.randn(12, O.N_FEATURES)
+    perm = torch.cat([torch.randperm(5), 5 + torch.randperm(7)])
+    torch.testing.assert_close(f(x[perm], seg), f(x, seg)[perm])
+    # ... but not across segments (pooling is per tensor): swapping one element between segments matters
+    swap = torch.arange(12)
+    swap[0], swap[5] = 5, 0
+    assert not torch.allclose(f(x[swap], seg), f(x, seg)[swap])
+
+
+def test_functional_rule_is_differentiable_through_an_unroll():
+    """Meta-gradients flow through rule.update (what meta-training relies on)."""
+    rule = active_rule("deepset")
+    torch.manual_seed(0)
+    w = torch.randn(8)
+    seg = Segments.from_sizes([8])
+    state = O.init(8)
+    target = torch.randn(8)
+    for _ in range(3):
+        w_ = w.detach().requires_grad_(True) if not w.requires_grad else w
+        loss = ((w_ - target) ** 2).sum()
+        (g,) = torch.autograd.grad(loss, w_, create_graph=True)
+        w, state, _ = rule.update(w_, g, state, seg)
+    final = ((w - target) ** 2).sum()
+    grads = torch.autograd.grad(final, list(rule.parameters()), allow_unused=True)
+    assert grads[0] is not None or any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert rule.raw_alpha in dict(rule.named_parameters()).values()
+
+
+def test_constructor_errors():
+    with pytest.raises(TypeError, match="LearnedRule"):
+        O.LearnedOptimizer(small_model().parameters(), rule=O.DeepSet())
+    with pytest.raises(ValueError, match="invalid learning rate"):
+        O.LearnedOptimizer(small_model().parameters(), O.LearnedRule(O.DeepSet()), lr=-1)
