@@ -16,7 +16,7 @@ Everything here is a pure function of tensors (no in-place updates, no host sync
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,20 +33,39 @@ _EPS = 1e-24  # added to mean squares; far below any fp32 gradient scale that ma
 
 @dataclass(frozen=True)
 class Segments:
-    """Which segment (tensor or spec entry) each element of a flat parameter vector belongs to."""
+    """Which segment (tensor or spec entry) each element of a flat parameter vector belongs to.
+
+    ``sizes`` is set when segments are contiguous runs in order (each parameter tensor one segment); the fast
+    path then reduces and broadcasts per run instead of scattering by ``ids``.
+    """
 
     ids: torch.Tensor  # (N,) int64
     counts: torch.Tensor  # (T,) float32, elements per segment
     n: int
+    sizes: tuple[int, ...] | None = None
+    _runs: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_sizes(cls, sizes: list[int], device: torch.device | str = "cpu") -> Segments:
         sizes_t = torch.tensor(sizes, dtype=torch.int64, device=device)
         ids = torch.repeat_interleave(torch.arange(len(sizes), device=device), sizes_t)
-        return cls(ids, sizes_t.to(torch.float32), len(sizes))
+        return cls(ids, sizes_t.to(torch.float32), len(sizes), tuple(int(x) for x in sizes))
 
     def to(self, device: torch.device | str) -> Segments:
-        return Segments(self.ids.to(device), self.counts.to(device), self.n)
+        return Segments(self.ids.to(device), self.counts.to(device), self.n, self.sizes)
+
+    def runs(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(segment, a, b)`` runs covering ``[start, stop)`` (relative offsets); needs contiguous segments."""
+        key = (start, stop)
+        if key not in self._runs:
+            out, offset = [], 0
+            for seg_id, size in enumerate(self.sizes or ()):
+                a, b = max(start, offset), min(stop, offset + size)
+                if a < b:
+                    out.append((seg_id, a - start, b - start))
+                offset += size
+            self._runs[key] = out
+        return self._runs[key]
 
 
 def step_encoding(step: torch.Tensor) -> torch.Tensor:

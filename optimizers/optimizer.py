@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from .fast import fast_update, supports_fast_path
 from .features import Segments
 from .rule import N_MOMENTA, LearnedRule, RuleState
 
@@ -36,6 +37,7 @@ class _Flat:
         self.step = step
         self.skipped = skipped
         self.tensor_ids = Segments.from_sizes(self.numels, momenta.device).ids
+        self.workspace: dict = {}  # reusable activation buffers of the fast path
 
 
 class LearnedOptimizer(Optimizer):
@@ -122,9 +124,15 @@ class LearnedOptimizer(Optimizer):
                 active = torch.cat([torch.full((p.numel(),), p.grad is not None, device=grad.device)
                                     for p in params])
             param = torch.cat([p.detach().reshape(-1).float() for p in params])
-            new_param, new, skipped = self.rule.update(param, grad, RuleState(flat.momenta, flat.step),
-                                                       flat.segments, lr=group["lr"], active=active)
-            flat.momenta.copy_(new.momenta)
+            state = RuleState(flat.momenta, flat.step)
+            if supports_fast_path(self.rule):
+                new_param, new, skipped = fast_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
+                                                      active=active, workspace=flat.workspace)
+            else:
+                new_param, new, skipped = self.rule.update(param, grad, state, flat.segments, lr=group["lr"],
+                                                           active=active)
+            if new.momenta is not flat.momenta:  # the fast path updates in place
+                flat.momenta.copy_(new.momenta)
             flat.step.copy_(new.step)
             flat.skipped.index_add_(0, flat.tensor_ids, skipped.to(torch.int64))
             torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
