@@ -11,10 +11,16 @@ The update rule and features are documented in :mod:`optimizers.rule` and :mod:`
 from .families import FAMILIES, DeepSet, DeepSetLayer, PerParamMLP
 from .features import MOMENTUM_DECAYS, N_FEATURES, Segments, compute_features
 from .optimizer import LearnedOptimizer
+from .registry import available, load, load_rule, make_rule, save_rule
 from .rule import LearnedRule, RuleState, init
 
 __all__ = [
     "LearnedOptimizer",
+    "available",
+    "load",
+    "load_rule",
+    "save_rule",
+    "make_rule",
     "LearnedRule",
     "RuleState",
     "init",

@@ -28,6 +28,7 @@ class PerParamMLP(nn.Module):
 
     def __init__(self, hidden: int = 32, layers: int = 2, in_features: int = N_FEATURES):
         super().__init__()
+        self.config = {"hidden": hidden, "layers": layers, "in_features": in_features}  # to save and rebuild
         dims = [in_features] + [hidden] * layers
         blocks: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -61,6 +62,7 @@ class DeepSet(nn.Module):
 
     def __init__(self, hidden: int = 32, layers: int = 3, in_features: int = N_FEATURES):
         super().__init__()
+        self.config = {"hidden": hidden, "layers": layers, "in_features": in_features}  # to save and rebuild
         dims = [in_features] + [hidden] * layers
         self.layers = nn.ModuleList(DeepSetLayer(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.out = DeepSetLayer(dims[-1], 1)

@@ -301,3 +301,51 @@ def test_fast_path_equals_reference(family, sizes):
     torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fast[1].momenta, ref[1].momenta)
     assert torch.equal(fast[2], ref[2]) and float(fast[1].step) == 13.0
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_save_and_load_rule_round_trip(tmp_path, family):
+    rule = active_rule(family, beta=0.02, alpha=0.05)
+    path = tmp_path / "w" / "rule.safetensors"
+    O.save_rule(rule, path, task="test")
+    assert not list(path.parent.glob("*.tmp"))  # atomic write leaves no temporary file
+    again = O.load_rule(path)
+    assert type(again.f) is type(rule.f) and again.f.config == rule.f.config
+    for (k, a), (_, b) in zip(rule.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+    model = small_model()
+    opt = O.load(str(path), model)
+    assert isinstance(opt, O.LearnedOptimizer)
+    train(model, opt, 2)
+
+
+def test_registry_errors(tmp_path):
+    with pytest.raises(KeyError, match="no shipped optimizer weights named 'nope'"):
+        O.load("nope", small_model())
+    with pytest.raises(FileNotFoundError):
+        O.load_rule(tmp_path / "missing.safetensors")
+    with pytest.raises(KeyError, match="unknown family"):
+        O.make_rule("transformer")
+    assert isinstance(O.available(), list)
+
+
+def test_higher_integration_matches_the_optimizer_and_gives_meta_gradients():
+    import higher  # the optional extra is part of [dev]
+
+    import optimizers.integrations.higher  # noqa: F401  (registers the differentiable optimizer)
+
+    model, reference = small_model(), small_model()
+    rule = active_rule("deepset", beta=0.05)
+    opt = O.LearnedOptimizer(model.parameters(), rule)
+    ref_opt = O.LearnedOptimizer(reference.parameters(), copy.deepcopy(rule))
+    x, y = batch()
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=True) as (fmodel, diffopt):
+        for _ in range(3):
+            diffopt.step(loss_fn(fmodel, x, y))
+        meta_loss = loss_fn(fmodel, x, y)
+        final = [p.detach().clone() for p in fmodel.parameters()]
+    train(reference, ref_opt, 3)
+    for p, q in zip(final, reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    grads = torch.autograd.grad(meta_loss, [rule.raw_alpha, rule.beta])
+    assert all(torch.isfinite(g) and g != 0 for g in grads)

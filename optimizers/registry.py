@@ -1,0 +1,99 @@
+"""Saving, loading and shipping learned-optimizer weights (safetensors + a JSON config in its metadata).
+
+A weights file holds the rule's tensors (``f`` and the scalars) and, in the safetensors metadata, the family and
+its constructor arguments, so :func:`load_rule` rebuilds the exact module. Files shipped in
+``optimizers/weights/`` are listed by :func:`available` and built into optimizers by :func:`load`.
+
+Transfer rule: ``f`` shares its weights across all elements and segments (tensors or spec entries), so weights
+trained on one model apply to any other model; only the family's hyperparameters (widths) are fixed by the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .families import FAMILIES
+from .optimizer import LearnedOptimizer
+from .rule import LearnedRule
+
+__all__ = ["save_rule", "load_rule", "available", "load", "make_rule", "WEIGHTS_DIR"]
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+_FORMAT = "unf.LearnedRule/1"
+
+
+def make_rule(family: str, **family_kwargs: Any) -> LearnedRule:
+    """A fresh rule of a named family (``"mlp"``, ``"deepset"``) with default scalars."""
+    if family not in FAMILIES:
+        raise KeyError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+    return LearnedRule(FAMILIES[family](**family_kwargs))
+
+
+def _config(rule: LearnedRule) -> dict[str, Any]:
+    family = next((k for k, v in FAMILIES.items() if type(rule.f) is v), None)
+    if family is None:
+        raise ValueError(f"cannot save a rule whose f is a {type(rule.f).__name__}: not a registered family")
+    return {"family": family, "family_kwargs": getattr(rule.f, "config", {}), "bound": rule.bound}
+
+
+def save_rule(rule: LearnedRule, path: str | os.PathLike, **info: Any) -> None:
+    """Write ``rule`` to ``path`` (safetensors, atomically: write to a temporary file, then rename)."""
+    path = Path(path)
+    metadata = {"format": _FORMAT, "config": json.dumps(_config(rule)), "info": json.dumps(info)}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_rule(path: str | os.PathLike, device: torch.device | str = "cpu") -> LearnedRule:
+    """Rebuild a rule saved by :func:`save_rule`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no learned-optimizer weights at {path}")
+    meta = _read_metadata(path)
+    if meta.get("format") != _FORMAT:
+        raise ValueError(f"{path} is not a learned-optimizer weights file (format={meta.get('format')!r})")
+    config = json.loads(meta["config"])
+    rule = make_rule(config["family"], **config.get("family_kwargs", {}))
+    rule.bound = float(config.get("bound", rule.bound))
+    rule.load_state_dict(load_file(str(path), device=str(device)))
+    return rule
+
+
+def available() -> list[str]:
+    """Names of the weights shipped with the package (``optimizers/weights/*.safetensors``)."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
+
+
+def load(name: str, model_or_params: nn.Module | Any, lr: float = 1.0, **kwargs: Any) -> LearnedOptimizer:
+    """An optimizer with shipped weights ``name`` (see :func:`available`) or a weights file path."""
+    path = Path(name)
+    if not path.suffix:
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        if not path.exists():
+            raise KeyError(f"no shipped optimizer weights named {name!r}; available: {available() or 'none yet'}")
+    rule = load_rule(path)
+    params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
+    return LearnedOptimizer(params, rule, lr=lr, **kwargs)
