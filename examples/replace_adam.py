@@ -31,7 +31,7 @@ def train(make_optimizer, steps: int, seed: int = 0) -> float:
     model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 4))
     opt = make_optimizer(model)
     loss_fn = nn.CrossEntropyLoss()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (64,))
         opt.zero_grad()
         loss = loss_fn(model(x[idx]), y[idx])
