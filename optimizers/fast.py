@@ -22,8 +22,9 @@ __all__ = ["fast_update", "supports_fast_path", "CHUNK"]
 CHUNK = 16384
 
 
-def supports_fast_path(rule: LearnedRule) -> bool:
-    return type(rule.f) in (PerParamMLP, DeepSet)
+def supports_fast_path(rule: LearnedRule, n: int) -> bool:
+    """Chunking pays off from one chunk up; below that the plain path has less overhead."""
+    return n >= CHUNK and type(rule.f) in (PerParamMLP, DeepSet)
 
 
 def _segment_sum_(sums: torch.Tensor, x: torch.Tensor, s: int, e: int, seg: Segments) -> None:

@@ -68,10 +68,18 @@ class Segments:
         return self._runs[key]
 
 
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def step_encoding(step: torch.Tensor) -> torch.Tensor:
     """(11,) encoding of a scalar step tensor: sin/cos of ``t / tau`` for log-spaced ``tau`` in [1, 1e5]."""
-    periods = torch.tensor(_PERIODS, dtype=torch.float32, device=step.device)
-    phase = torch.tensor([0.0 if k % 2 == 0 else math.pi / 2 for k in range(N_STEP_FEATURES)], device=step.device)
+    consts = _CONSTANTS.get(step.device)
+    if consts is None:  # built once per device: this runs every optimizer step
+        periods = torch.tensor(_PERIODS, dtype=torch.float32, device=step.device)
+        phase = torch.tensor([0.0 if k % 2 == 0 else math.pi / 2 for k in range(N_STEP_FEATURES)],
+                             device=step.device)
+        consts = _CONSTANTS[step.device] = (periods, phase)
+    periods, phase = consts
     return torch.sin(step.float() / periods + phase)
 
 

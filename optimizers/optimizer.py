@@ -125,7 +125,7 @@ class LearnedOptimizer(Optimizer):
                                     for p in params])
             param = torch.cat([p.detach().reshape(-1).float() for p in params])
             state = RuleState(flat.momenta, flat.step)
-            if supports_fast_path(self.rule):
+            if supports_fast_path(self.rule, param.shape[0]):
                 new_param, new, skipped = fast_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
                                                       active=active, workspace=flat.workspace)
             else:

@@ -55,6 +55,7 @@ class LearnedRule(nn.Module):
         self.beta = nn.Parameter(torch.tensor(float(beta)))
         self.raw_gamma0 = nn.Parameter(torch.tensor(float(gamma0)))
         self.bound = float(bound)
+        self._fixed_decays = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32)
 
     @property
     def alpha(self) -> torch.Tensor:
@@ -65,7 +66,9 @@ class LearnedRule(nn.Module):
         return self.raw_gamma0.clamp(0.0, 0.9999)
 
     def decays(self) -> torch.Tensor:
-        fixed = torch.tensor(MOMENTUM_DECAYS, dtype=torch.float32, device=self.raw_gamma0.device)
+        fixed = self._fixed_decays
+        if fixed.device != self.raw_gamma0.device:
+            fixed = self._fixed_decays = fixed.to(self.raw_gamma0.device)
         return torch.cat([self.gamma0.reshape(1).float(), fixed])
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: RuleState, segments: Segments,
