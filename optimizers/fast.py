@@ -103,19 +103,19 @@ def _mlp_forward(f: PerParamMLP, feats: _Features, n: int, workspace: dict, emit
 def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, workspace: dict, emit) -> None:
     device = feats.param.device
     layers = [*f.layers, f.out]
+    # pooled context of the first layer: segment means of the features (one extra pass); later layers get theirs
+    # accumulated while the previous layer's output is produced
+    sums = torch.zeros(seg.n, layers[0].elem.in_features, device=device)
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        _segment_sum_(sums, feats(s, e), s, e, seg)
     prev = None  # (n, width) activations of the previous layer, or None for the features
     for depth, layer in enumerate(layers):
         last = depth == len(layers) - 1
-        width_in = layer.elem.in_features
-        # pooled context: mean over each segment of this layer's input
-        sums = torch.zeros(seg.n, width_in, device=device)
-        for s in range(0, n, CHUNK):
-            e = min(n, s + CHUNK)
-            x = feats(s, e) if prev is None else prev[s:e]
-            _segment_sum_(sums, x, s, e, seg)
         context = layer.pool(sums / seg.counts[:, None])  # (T, width_out)
         width = layer.elem.out_features
         target = _buffer(workspace, ("deepset", depth), CHUNK if last else n, width, device)
+        next_sums = None if last else torch.zeros(seg.n, width, device=device)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             x = feats(s, e) if prev is None else prev[s:e]
@@ -124,8 +124,8 @@ def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, worksp
             if last:
                 emit(s, e, block[:, 0])
             else:
-                block.relu_()
-        prev = target
+                _segment_sum_(next_sums, block.relu_(), s, e, seg)
+        prev, sums = target, next_sums
 
 
 @torch.no_grad()
