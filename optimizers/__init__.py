@@ -13,9 +13,12 @@ from .features import MOMENTUM_DECAYS, N_FEATURES, Segments, compute_features
 from .optimizer import LearnedOptimizer
 from .registry import available, load, load_rule, make_rule, save_rule
 from .rule import LearnedRule, RuleState, init
+from .unf_family import UNFFamily, UNFOptimizer
 
 __all__ = [
     "LearnedOptimizer",
+    "UNFOptimizer",
+    "UNFFamily",
     "available",
     "load",
     "load_rule",
