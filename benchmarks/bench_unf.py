@@ -15,7 +15,9 @@ import time
 import torch
 
 from unf import WeightSpaceSpec
-from unf.nn import UNF, UNFLinear, random_features
+from unf.nn.batch import random_features
+from unf.nn.linear import UNFLinear
+from unf.nn.models import UNF
 
 
 def mlp_spec() -> WeightSpaceSpec:

@@ -11,21 +11,11 @@ import torch
 
 import unf
 from unf import WeightSpaceSpec
-from unf.nn import (
-    UNF,
-    InvariantPool,
-    StatNN,
-    UNFInvariant,
-    UNFLinear,
-    assert_equivariant,
-    assert_invariant,
-    bell,
-    count_pair_terms,
-    pair_terms,
-    permute_features,
-    random_features,
-)
-from unf.nn.linear import layer_groups
+from unf.nn.batch import permute_features, random_features
+from unf.nn.linear import UNFLinear, layer_groups
+from unf.nn.models import UNF, InvariantPool, StatNN, UNFInvariant
+from unf.nn.terms import bell, count_pair_terms, pair_terms
+from unf.nn.testing import assert_equivariant, assert_invariant
 
 from .zoo import ARCHITECTURES, build
 

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import unf
-from unf.nn import UNFInvariant, features_from_state_dicts
+from unf.nn.batch import features_from_state_dicts
+from unf.nn.models import UNFInvariant
 
 
 class Small(nn.Module):
