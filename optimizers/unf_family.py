@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from unf import WeightSpaceSpec, derive_spec
-from unf.nn.linear import UNFLinear
+from unf.nn import UNFLinear
 
 from .families import DeepSet
 from .features import N_FEATURES, Segments

@@ -88,6 +88,15 @@ def reference_unf_linear(layer: UNFLinear, x: dict[str, torch.Tensor]) -> dict[s
     return result
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """These tensors are tiny: one thread avoids OpenMP spin-waits on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ---------------------------------------------------------------------------------------------- specs
 def mlp_spec(fixed_io: bool = False) -> WeightSpaceSpec:
     i = None if fixed_io else "in"
@@ -98,7 +107,8 @@ def mlp_spec(fixed_io: bool = False) -> WeightSpaceSpec:
 
 def rnn_spec() -> WeightSpaceSpec:
     return WeightSpaceSpec.from_axes({"W_ih": [("h", 4), (None, 3)], "W_hh": [("h", 4), ("h", 4)],
-                                      "b_h": [("h", 4)], "W_out": [(None, 2), ("h", 4)], "b_out": [(None, 2)]})
+                                      "b_h": [("h", 4)], "W_out": [(None, 2), ("h", 4)],
+                                      "b_out": [(None, 2)]})
 
 
 def head_spec() -> WeightSpaceSpec:

@@ -16,19 +16,20 @@ for smaller groups some terms coincide linearly (harmless, merely redundant).
 
 Fixed (``None``) axes. The true symmetry never permutes them. Two treatments are offered:
 
-- ``"relax"`` (default, the UNF paper's choice): each fixed axis becomes a permutable group of its own. With
-  ``relax_groups="by_size"`` (default) the k-th fixed axis of size n of every entry joins the group ``~n``
-  (``~n#k`` for k > 0), which reproduces the paper's hand-written specs (``W2``'s and ``b2``'s output axis share
-  one group; a tied embedding and head share the vocabulary group) and never puts two axes of one entry into
-  one relaxed group (that would multiply terms through Bell numbers). ``"per_axis"`` gives every fixed axis its
-  own group. Any relaxation is still *exactly* equivariant under the true group (which acts trivially on fixed
-  axes); it only gives up the expressivity of treating fixed indices individually. Its cost is independent of
-  the fixed axes' sizes, so it scales to vocabulary axes; a learned positional encoding (see
-  :class:`unf.nn.UNFLinear`) can break the false symmetry.
-- ``"exact"``: fixed axes are folded into the channel dimension (channel index = ``c * N_fixed + f``, fixed axes
-  row-major in their original order). Every term then mixes ``c_out * N_out_fixed`` by ``c_in * N_in_fixed``
-  channels, which is exactly the space ``Hom_G(V_in, V_out) (x) Hom(R^N_in, R^N_out)`` of maps equivariant
-  under the true group. Parameters grow with ``N_out * N_in``, so use it where fixed axes are small.
+- ``"relax"`` (default, the UNF paper's choice): each fixed axis becomes a permutable group of its own.
+  With ``relax_groups="by_size"`` (default) the k-th fixed axis of size n of every entry joins the group
+  ``~n`` (``~n#k`` for k > 0), which reproduces the paper's hand-written specs (``W2``'s and ``b2``'s output
+  axis share one group; an embedding and an untied head share the vocabulary group) and never puts two axes
+  of one entry into one relaxed group (that would multiply terms through Bell numbers). ``"per_axis"`` gives
+  every fixed axis its own group. Any relaxation is still *exactly* equivariant under the true group (which
+  acts trivially on fixed axes); it only gives up the expressivity of treating fixed indices individually.
+  Its cost is independent of the fixed axes' sizes, so it scales to vocabulary axes; a learned positional
+  encoding (see :class:`unf.nn.UNFLinear`) can break the false symmetry.
+- ``"exact"``: fixed axes are folded into the channel dimension (channel index = ``c * N_fixed + f``, fixed
+  axes row-major in their original order). Every term then mixes ``c_out * N_out_fixed`` by
+  ``c_in * N_in_fixed`` channels, which is exactly the space ``Hom_G(V_in, V_out) (x) Hom(R^N_in, R^N_out)``
+  of maps equivariant under the true group. Parameters grow with ``N_out * N_in``, so use it where fixed axes
+  are small.
 - ``"auto"``: exact for fixed axes of size ``<= exact_max_size``, relaxed for larger ones.
 """
 
@@ -50,6 +51,7 @@ __all__ = [
     "Term",
     "Reduction",
     "MixGroup",
+    "Mix",
     "Plan",
     "resolve_entries",
     "pair_term_count",
@@ -77,7 +79,7 @@ def bell(n: int) -> int:
 
 @cache
 def set_partitions(n: int) -> tuple[tuple[int, ...], ...]:
-    """All set partitions of ``range(n)`` as restricted growth strings (block id per item, first-seen order)."""
+    """All set partitions of ``range(n)`` as restricted growth strings (block id per item)."""
     out: list[tuple[int, ...]] = []
 
     def rec(prefix: list[int], m: int) -> None:
@@ -318,34 +320,54 @@ class MixGroup:
 
     @property
     def is_scalar(self) -> bool:
-        """Nothing carried from the input and no diagonal: a per-channel constant broadcast (takes the bias)."""
+        """Nothing carried from the input, no diagonal: a per-channel constant broadcast (takes the bias)."""
         return not self.is_diagonal and not any(self.kept_mask)
 
 
 @dataclass
+class Mix:
+    """Groups that concatenate the very same reductions share one concatenation and one matmul.
+
+    The weight of a mix is ``(sum of the groups' output channels, sum of the parts' input channels)``; rows of
+    group ``groups[j]`` times columns of part ``k`` hold the coefficient of term ``groups[j].parts[k][0]``.
+    """
+
+    index: int
+    parts: tuple[tuple[int, tuple[int, ...]], ...]  # (reduction index, dim permutation)
+    groups: list[int] = field(default_factory=list)
+
+
+@dataclass
 class Plan:
-    """The instructions a :class:`unf.nn.UNFLinear` executes, in order: reductions, then mixing groups."""
+    """The instructions a :class:`unf.nn.UNFLinear` executes, in order: reductions, then mixes (each one
+    concatenation and one matmul), then per-group writes into the output entries."""
 
     entries: tuple[BasisEntry, ...]
     terms: list[Term]
     reductions: list[Reduction]
     groups: list[MixGroup]
+    mixes: list[Mix]
     term_group: list[tuple[int, int]]  # term -> (group index, part index)
 
     def describe(self, max_lines: int = 60) -> str:
         """A human-readable listing of the instructions."""
         names = [e.name for e in self.entries]
-        lines = [f"{len(self.terms)} terms, {len(self.reductions)} reductions, {len(self.groups)} mix groups"]
+        lines = [f"{len(self.terms)} terms, {len(self.reductions)} reductions, {len(self.mixes)} matmuls, "
+                 f"{len(self.groups)} output writes"]
         for r in self.reductions:
             src = f"R{r.parent}" if r.parent is not None else f"diag({names[r.inp]}[" + "".join(
                 _LETTERS[b] for b in r.struct) + "])"
             keep = "".join(_LETTERS[b] for b in r.kept)
             lines.append(f"R{r.index} = mean({src}, dims={r.mean_dims}) -> [{keep}]")
-        for g in self.groups:
-            o = "".join(_LETTERS[b] if k else _LETTERS[b].upper() for b, k in
-                        zip(g.out_labels, [g.kept_mask[b] for b in g.out_labels]))
-            srcs = ", ".join(f"R{r}" for _, r, _ in g.parts)
-            lines.append(f"G{g.index}: {names[g.out]}[{o}] += W{g.index} @ cat({srcs})")
+        for m in self.mixes:
+            srcs = ", ".join(f"R{r}" for r, _ in m.parts)
+            outs = []
+            for gi in m.groups:
+                g = self.groups[gi]
+                # lower case: carried from the input; upper case: broadcast
+                outs.append(names[g.out] + "[" + "".join(
+                    _LETTERS[b] if g.kept_mask[b] else _LETTERS[b].upper() for b in g.out_labels) + "]")
+            lines.append(f"M{m.index} = W{m.index} @ cat({srcs}) -> " + ", ".join(outs))
         if len(lines) > max_lines:
             lines = lines[: max_lines - 1] + [f"... ({len(lines) - max_lines + 1} more)"]
         return "\n".join(lines)
@@ -381,7 +403,7 @@ def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = Non
         g.parts.append((t.index, rid, perm))
     # reductions from the smallest already-available superset with the same diagonal structure
     by_base: dict[tuple, list[int]] = defaultdict(list)
-    for rid, (inp, struct, kept) in enumerate(red_specs):
+    for rid, (inp, struct, _) in enumerate(red_specs):
         by_base[(inp, struct)].append(rid)
     red_list: list[Reduction | None] = [None] * len(red_specs)
     order: list[int] = []
@@ -392,7 +414,7 @@ def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = Non
         for lab, n in zip(struct, e.sizes):
             bsize[lab] = n
 
-        def numel(kept: tuple[int, ...]) -> int:
+        def numel(kept: tuple[int, ...], bsize: list[int] = bsize) -> int:
             out = 1
             for b in kept:
                 out *= bsize[b]
@@ -420,6 +442,14 @@ def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = Non
                             None if r.parent is None else new_id[r.parent], r.mean_dims)
                   for r in (red_list[o] for o in order)]
     glist = list(groups.values())
+    mixes: dict[tuple, Mix] = {}
     for g in glist:
-        g.parts = [(ti, new_id[rid], perm) for ti, rid, perm in g.parts]
-    return Plan(entries, terms, reductions, glist, term_group)
+        # canonical part order, so that groups reading the same reductions share a mix
+        g.parts = sorted(((ti, new_id[rid], perm) for ti, rid, perm in g.parts), key=lambda p: (p[1], p[2]))
+        for k, (ti, _, _) in enumerate(g.parts):
+            term_group[ti] = (g.index, k)
+        key = tuple((rid, perm) for _, rid, perm in g.parts)
+        if key not in mixes:
+            mixes[key] = Mix(len(mixes), key)
+        mixes[key].groups.append(g.index)
+    return Plan(entries, terms, reductions, glist, list(mixes.values()), term_group)

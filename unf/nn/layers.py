@@ -1,0 +1,568 @@
+"""UNF layers and baselines over a :class:`~unf.spec.WeightSpaceSpec`.
+
+All layers take and return weight-space features ``entry name -> (batch, channels, *entry_shape)`` (a
+:class:`~unf.nn.features.WeightFeatures` or a plain ``dict``; the output has the same kind as the input).
+
+- :class:`UNFLinear`: the maximally expressive permutation-equivariant linear layer (UNF, Zhou et al. 2024).
+- :class:`UNF`: a stack of UNFLinear layers with a pointwise nonlinearity and optional :class:`EntryNorm`.
+- :class:`InvariantPool` and :class:`UNFInvariant` (backbone -> pool -> MLP head).
+- Baselines in the same API: :class:`DeepSetLayer` / :class:`DeepSet` and :class:`StatFeatures` /
+  :class:`StatNN`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..spec import WeightSpaceSpec
+from .basis import Plan, build_plan, diagonal_ops, resolve_entries
+from .features import WeightFeatures
+
+__all__ = [
+    "UNFLinear",
+    "UNF",
+    "EntryNorm",
+    "EntryActivation",
+    "InvariantPool",
+    "UNFInvariant",
+    "DeepSetLayer",
+    "DeepSet",
+    "StatFeatures",
+    "StatNN",
+]
+
+Features = Mapping[str, torch.Tensor]
+
+
+def _wrap(like: Features, spec: WeightSpaceSpec, out: dict[str, torch.Tensor]) -> Features:
+    return WeightFeatures(spec, out, validate=False) if isinstance(like, WeightFeatures) else out
+
+
+def _prod(xs: Sequence[int]) -> int:
+    out = 1
+    for x in xs:
+        out *= x
+    return out
+
+
+class UNFLinear(nn.Module):
+    """The UNF equivariant linear layer over all entries of ``spec``.
+
+    ``out[i] = bias + sum over input entries j and valid partitions P of (i, j): W_P @ E_P(in[j])`` where each
+    ``W_P`` is an ``out_channels x in_channels`` matrix (:mod:`unf.nn.basis` explains the terms ``E_P``).
+
+    Execution (see :attr:`plan` / :meth:`describe`): every distinct reduction (diagonal + mean) of an input
+    entry is computed once, from the smallest already-computed reduction that contains it; all terms that
+    write the same output pattern are mixed by one matmul over the concatenated reductions, and patterns that
+    read the very same reductions share that matmul (e.g. every output entry's "per-channel constant" comes
+    from one ``(batch, sum C) @ (sum C, sum O)`` product). Broadcast writes are additions of broadcast views;
+    diagonal writes add in place into a diagonal view of the output, so no full-size zero tensor is built.
+
+    Args:
+        spec: the weight space.
+        in_channels, out_channels: channels per weight.
+        fixed: treatment of fixed (``None``) axes: ``"relax"`` (default; the UNF paper's relaxation, cost
+            independent of fixed sizes), ``"exact"`` (fold fixed axes into channels: every equivariant map of
+            the true group, parameters grow with the fixed sizes) or ``"auto"`` (exact up to
+            ``exact_max_size``).
+            See :mod:`unf.nn.basis`.
+        exact_max_size: largest fixed axis treated exactly under ``"auto"``.
+        relax_groups: ``"by_size"`` (default) or ``"per_axis"``: how relaxed fixed axes are grouped.
+        positional_encoding: add a learned ``(in_channels, n)`` encoding along every relaxed fixed axis of
+            every input entry (zero-initialised), which breaks the false symmetry of the relaxation (like
+            NFN's ``io_embed``); the layer stays exactly equivariant under the true group.
+        bias: learned constants for every output pattern that reads nothing from the input (one per channel
+            and entry, plus one per diagonal pattern for entries with a repeated group such as ``W_hh``).
+        init_scale: weights are ``N(0, init_scale^2 / fan_in)`` with ``fan_in = sum over the terms feeding an
+            output entry of their input channels`` (``= in_channels * T_i``, as in the reference code).
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int, out_channels: int, *, fixed: str = "relax",
+                 exact_max_size: int = 16, relax_groups: str = "by_size", positional_encoding: bool = False,
+                 bias: bool = True, init_scale: float = 1.0, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.fixed = fixed
+        entries, self.groups = resolve_entries(spec, fixed, exact_max_size, relax_groups)
+        self.plan: Plan = build_plan(entries)
+        plan = self.plan
+        self.names = [e.name for e in entries]
+        fk = {"device": device, "dtype": dtype}
+        cin = [in_channels * e.fold for e in entries]
+        cout = [out_channels * e.fold for e in entries]
+        self._cin, self._cout = cin, cout
+
+        # ---- inputs: positional encodings, folding of exact fixed axes
+        self.pos_enc = nn.ParameterList()
+        self._pe: list[list[tuple[int, tuple[int, ...]]]] = [[] for _ in entries]
+        self._fold_in: list[tuple[tuple[int, ...] | None, tuple[int, ...]]] = []
+        self._unfold_out: list[tuple[tuple[int, ...], tuple[int, ...] | None]] = []
+        for i, e in enumerate(entries):
+            if positional_encoding:
+                for ax in e.relaxed_axes:
+                    shape = [1] * (1 + len(e.shape))
+                    shape[0], shape[1 + ax] = in_channels, e.shape[ax]
+                    self._pe[i].append((len(self.pos_enc), tuple(shape)))
+                    self.pos_enc.append(nn.Parameter(torch.zeros(in_channels, e.shape[ax], **fk)))
+            if e.folded_axes:
+                order = (0, 1) + tuple(2 + a for a in e.folded_axes) + tuple(2 + a for a in e.perm_axes)
+                inv = tuple(sorted(range(len(order)), key=order.__getitem__))
+                self._fold_in.append((order, (cin[i],) + e.sizes))
+                self._unfold_out.append(((out_channels,) + tuple(e.shape[a] for a in e.folded_axes) + e.sizes,
+                                         inv))
+            else:
+                self._fold_in.append((None, (cin[i],) + e.sizes))
+                self._unfold_out.append(((out_channels,) + e.sizes, None))
+
+        # ---- reductions
+        self._reds = []
+        red_scale: list[float] = []
+        for r in plan.reductions:
+            ops, perm = diagonal_ops(r.struct) if r.parent is None else ((), None)
+            if perm is not None and perm == tuple(range(len(perm))):
+                perm = None
+            bsize = {b: n for b, n in zip(r.struct, entries[r.inp].sizes)}
+            # reductions are plain sums; the 1/n of the mean is folded into the mixing weights' columns (one
+            # small multiply per matmul instead of one per reduction, and no full-size division in backward)
+            red_scale.append(1.0 / _prod([bsize[b] for b in bsize if b not in r.kept]))
+            self._reds.append((r.parent, r.inp, ops, perm, r.mean_dims))
+
+        # ---- mixes: weights, bias, and where each output piece goes
+        fan_in = [0] * len(entries)
+        for t in plan.terms:
+            fan_in[t.out] += cin[t.inp]
+        self.weights = nn.ParameterList()
+        self.bias = None
+        self._bias_mix = -1
+        self._mixes = []
+        self._contrib_count = 0
+        contrib_of: list[list[tuple[int, int]]] = [[] for _ in entries]  # per entry: (numel, contrib id)
+        self._diag_writes: list[list[tuple[int, tuple, tuple]]] = [[] for _ in entries]
+        self._row_offsets: list[list[int]] = []
+        self._col_offsets: list[list[int]] = []
+        for m in plan.mixes:
+            r0 = plan.reductions[m.parts[0][0]]
+            kept_sizes = tuple(plan.entries[r0.inp].sizes[r0.struct.index(b)] for b in r0.kept)
+            kept_sizes = tuple(kept_sizes[p - 2] for p in m.parts[0][1][2:])
+            rows = [cout[plan.groups[g].out] for g in m.groups]
+            cols = [cin[plan.reductions[rid].inp] for rid, _ in m.parts]
+            self._row_offsets.append([sum(rows[:k]) for k in range(len(rows))])
+            self._col_offsets.append([sum(cols[:k]) for k in range(len(cols))])
+            w = torch.empty(sum(rows), sum(cols), **fk)
+            off = 0
+            for g, nr in zip(m.groups, rows):
+                std = init_scale / math.sqrt(fan_in[plan.groups[g].out])
+                nn.init.normal_(w[off:off + nr], 0.0, std)
+                off += nr
+            self.weights.append(nn.Parameter(w))
+            scale = torch.cat([torch.full((n,), red_scale[rid], **fk) for (rid, _), n in zip(m.parts, cols)])
+            has_scale = bool((scale != 1).any())
+            if has_scale:
+                self.register_buffer(f"_colscale{m.index}", scale, persistent=False)
+            if bias and not kept_sizes:
+                if self.bias is not None:  # all "nothing kept" patterns read the same reductions
+                    raise AssertionError("UNF plan has two constant-pattern mixes")
+                self.bias = nn.Parameter(torch.zeros(sum(rows), **fk))
+                self._bias_mix = m.index
+            parts = tuple((rid, None if perm == tuple(range(len(perm))) else perm) for rid, perm in m.parts)
+            outs = []
+            for g in m.groups:
+                grp = plan.groups[g]
+                sizes_by_block = [1] * len(grp.kept_mask)
+                it = iter(kept_sizes)
+                for b, k in enumerate(grp.kept_mask):
+                    if k:
+                        sizes_by_block[b] = next(it)
+                tail = (cout[grp.out],) + tuple(sizes_by_block)
+                cid = self._contrib_count
+                self._contrib_count += 1
+                outs.append((cid, tail))
+                if grp.is_diagonal:
+                    ops, perm = diagonal_ops(grp.out_labels)
+                    self._diag_writes[grp.out].append((cid, ops, perm))
+                else:
+                    contrib_of[grp.out].append((_prod(tail), cid))
+            self._mixes.append((parts, len(kept_sizes), tuple(rows), tuple(outs), m.index == self._bias_mix,
+                                f"_colscale{m.index}" if has_scale else None))
+        # add small broadcast contributions first so that few full-size passes are made
+        self._plain = [tuple(c for _, c in sorted(lst)) for lst in contrib_of]
+        self._full_tail = [(cout[i],) + e.sizes for i, e in enumerate(entries)]
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def num_terms(self) -> int:
+        return len(self.plan.terms)
+
+    def describe(self, max_lines: int = 60) -> str:
+        """The basis terms' count and the execution instructions (reductions and matmuls)."""
+        return self.plan.describe(max_lines)
+
+    def term_equations(self) -> list[str]:
+        """One readable einsum-like line per basis term (see :meth:`unf.nn.basis.Term.equation`)."""
+        return [t.equation(self.names) for t in self.plan.terms]
+
+    def term_coefficient(self, t: int) -> torch.Tensor:
+        """The ``(out_channels', in_channels')`` coefficient of term ``t`` (a view of the mix weight; primes:
+        times the folded fixed size of the output / input entry under exact treatment)."""
+        g, k = self.plan.term_group[t]
+        grp = self.plan.groups[g]
+        for mi, m in enumerate(self.plan.mixes):
+            if g in m.groups:
+                j = m.groups.index(g)
+                r0 = self._row_offsets[mi][j]
+                c0 = self._col_offsets[mi][k]
+                term = self.plan.terms[t]
+                return self.weights[mi][r0:r0 + self._cout[grp.out], c0:c0 + self._cin[term.inp]]
+        raise AssertionError("term not found in any mix")
+
+    def bias_of(self, entry: str) -> torch.Tensor | None:
+        """The per-channel constant of ``entry`` (``(out_channels',)``), or None without bias."""
+        if self.bias is None:
+            return None
+        i = self.names.index(entry)
+        m = self.plan.mixes[self._bias_mix]
+        for j, g in enumerate(m.groups):
+            grp = self.plan.groups[g]
+            if grp.out == i and grp.is_scalar:
+                r0 = self._row_offsets[self._bias_mix][j]
+                return self.bias[r0:r0 + self._cout[i]]
+        raise AssertionError("entry has no constant pattern")
+
+    def bias_terms(self) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
+        """Every learned constant: ``(entry name, output block labels, (out_channels',) values)``; labels
+        with a repeated block put the constant on that diagonal (``(0, 0)``: a multiple of the identity)."""
+        if self.bias is None:
+            return []
+        m = self.plan.mixes[self._bias_mix]
+        out = []
+        for j, g in enumerate(m.groups):
+            grp = self.plan.groups[g]
+            r0 = self._row_offsets[self._bias_mix][j]
+            out.append((self.names[grp.out], grp.out_labels, self.bias[r0:r0 + self._cout[grp.out]]))
+        return out
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Features) -> Features:
+        B = x[self.names[0]].shape[0]
+        xs = []
+        for i, name in enumerate(self.names):
+            t = x[name]
+            for pid, shape in self._pe[i]:
+                t = t + self.pos_enc[pid].view(shape)
+            order, tail = self._fold_in[i]
+            if order is not None:
+                t = t.permute(order)
+            xs.append(t.reshape((B,) + tail))
+        red: list[torch.Tensor] = []
+        for parent, inp, ops, perm, mean_dims in self._reds:
+            if parent is None:
+                t = xs[inp]
+                for d1, d2 in ops:
+                    t = t.diagonal(0, d1, d2)
+                if perm is not None:
+                    t = t.permute(perm)
+            else:
+                t = red[parent]
+            if mean_dims:
+                t = t.sum(mean_dims)
+            red.append(t)
+        contrib: list[torch.Tensor | None] = [None] * self._contrib_count
+        for mi, (parts, nk, rows, outs, has_bias, scale_name) in enumerate(self._mixes):
+            ts = [red[r] if p is None else red[r].permute(p) for r, p in parts]
+            c = ts[0] if len(ts) == 1 else torch.cat(ts, 1)
+            w = self.weights[mi]
+            if scale_name is not None:
+                w = w * getattr(self, scale_name)
+            if nk == 0:
+                m = torch.addmm(self.bias, c, w.t()) if has_bias else torch.mm(c, w.t())
+            else:
+                # bmm on a stride-0 expanded weight: no transposed copies of the activations (matmul's 2-D @
+                # 3-D path folds the batch into rows and copies twice)
+                m = torch.bmm(w.expand(B, -1, -1), c.reshape(B, c.shape[1], -1))
+            pieces = m.split(rows, 1) if len(rows) > 1 else (m,)
+            for piece, (cid, tail) in zip(pieces, outs):
+                contrib[cid] = piece.reshape((B,) + tail)
+        out = {}
+        for i, name in enumerate(self.names):
+            cids = self._plain[i]
+            acc = contrib[cids[0]]
+            for cid in cids[1:]:
+                acc = acc + contrib[cid]
+            if self._diag_writes[i]:
+                full = (B,) + self._full_tail[i]
+                if tuple(acc.shape) != full:  # only for degenerate specs; diagonal writes need a full tensor
+                    acc = acc.expand(full).contiguous()
+                for cid, ops, perm in self._diag_writes[i]:
+                    v = acc
+                    for d1, d2 in ops:
+                        v = v.diagonal(0, d1, d2)
+                    v.permute(perm).add_(contrib[cid])
+            shape, inv = self._unfold_out[i]
+            if inv is not None:
+                acc = acc.reshape((B,) + shape).permute(inv)
+            out[name] = acc
+        return _wrap(x, self.spec, out)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
+                f"entries={len(self.names)}, terms={self.num_terms}, fixed={self.fixed!r}")
+
+
+class EntryActivation(nn.Module):
+    """Apply a pointwise function to every entry (equivariant for any spec)."""
+
+    def __init__(self, fn: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: Features) -> Features:
+        out = {n: self.fn(t) for n, t in x.items()}
+        return WeightFeatures(x.spec, out, validate=False) if isinstance(x, WeightFeatures) else out
+
+
+class EntryNorm(nn.Module):
+    """Per-entry, per-channel RMS normalisation with a learned gain (statistics over all of an entry's
+    elements, so it is equivariant under any permutation of them)."""
+
+    def __init__(self, spec: WeightSpaceSpec, channels: int, eps: float = 1e-5,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        self.eps = eps
+        self.gain = nn.ParameterList([nn.Parameter(torch.ones(channels, device=device, dtype=dtype))
+                                      for _ in spec.entries])
+
+    def forward(self, x: Features) -> Features:
+        out = {}
+        for e, g in zip(self.spec.entries, self.gain):
+            t = x[e.name]
+            dims = tuple(range(2, t.dim()))
+            ms = t.pow(2).mean(dims, keepdim=True) if dims else t.pow(2)
+            out[e.name] = t * torch.rsqrt(ms + self.eps) * g.view((1, -1) + (1,) * len(dims))
+        return _wrap(x, self.spec, out)
+
+
+class UNF(nn.Module):
+    """A stack of :class:`UNFLinear` layers with a pointwise nonlinearity between them.
+
+    Args:
+        spec: the weight space.
+        channels: ``[c_0, c_1, ..., c_L]`` (e.g. ``[1, 16, 16, 1]`` is three layers).
+        activation: module class or instance applied pointwise after every layer but the last
+            (also after the last with ``final_activation=True``).
+        norm: insert an :class:`EntryNorm` before each activation.
+        positional_encoding: learned encodings on relaxed fixed axes in the first layer (see UNFLinear).
+        **linear_kwargs: passed to every :class:`UNFLinear` (``fixed``, ``init_scale``, ``dtype``, ...).
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, channels: Sequence[int],
+                 activation: type[nn.Module] | nn.Module = nn.ReLU, norm: bool = False,
+                 final_activation: bool = False, positional_encoding: bool = False, **linear_kwargs) -> None:
+        super().__init__()
+        if len(channels) < 2:
+            raise ValueError("channels needs at least [in, out]")
+        self.spec = spec
+        layers: list[nn.Module] = []
+        n = len(channels) - 1
+        for k in range(n):
+            layers.append(UNFLinear(spec, channels[k], channels[k + 1],
+                                    positional_encoding=positional_encoding and k == 0, **linear_kwargs))
+            if k < n - 1 or final_activation:
+                if norm:
+                    layers.append(EntryNorm(spec, channels[k + 1], device=linear_kwargs.get("device"),
+                                            dtype=linear_kwargs.get("dtype")))
+                act = activation() if isinstance(activation, type) else activation
+                layers.append(EntryActivation(act))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Features) -> Features:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class InvariantPool(nn.Module):
+    """Pool every entry over its permuted axes; fixed axes are kept as features.
+
+    Output: ``(batch, out_features)``, entries concatenated in spec order, each ``channels * prod(kept fixed
+    sizes)`` wide. Fixed axes longer than ``max_fixed_size`` (e.g. a vocabulary) are pooled too (that keeps
+    invariance and bounds the width). ``mode``: ``"mean"``, ``"sum"`` or ``"max"``.
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, channels: int, mode: str = "mean",
+                 max_fixed_size: int | None = 64) -> None:
+        super().__init__()
+        if mode not in ("mean", "sum", "max"):
+            raise ValueError(f"mode must be mean, sum or max, got {mode!r}")
+        self.spec, self.mode, self.channels = spec, mode, channels
+        self._dims = []
+        width = 0
+        for e in spec.entries:
+            pooled, kept = [], 1
+            for ax, (g, n) in enumerate(zip(e.axes, e.shape)):
+                if g is not None or (max_fixed_size is not None and n > max_fixed_size):
+                    pooled.append(2 + ax)
+                else:
+                    kept *= n
+            self._dims.append(tuple(pooled))
+            width += channels * kept
+        self.out_features = width
+
+    def forward(self, x: Features) -> torch.Tensor:
+        outs = []
+        for e, dims in zip(self.spec.entries, self._dims):
+            t = x[e.name]
+            if dims:
+                if self.mode == "mean":
+                    t = t.mean(dims)
+                elif self.mode == "sum":
+                    t = t.sum(dims)
+                else:
+                    t = t.amax(dims)
+            outs.append(t.reshape(t.shape[0], -1))
+        return torch.cat(outs, 1)
+
+
+def _mlp(sizes: Sequence[int], activation: type[nn.Module], **fk) -> nn.Sequential:
+    mods: list[nn.Module] = []
+    for k in range(len(sizes) - 1):
+        mods.append(nn.Linear(sizes[k], sizes[k + 1], **fk))
+        if k < len(sizes) - 2:
+            mods.append(activation())
+    return nn.Sequential(*mods)
+
+
+class UNFInvariant(nn.Module):
+    """Invariant model: :class:`UNF` backbone (activation after every layer) -> :class:`InvariantPool` -> MLP.
+
+    Args:
+        spec: the weight space.
+        channels: backbone channels ``[c_in, ..., c_last]``.
+        out_features: size of the prediction.
+        head_hidden: hidden widths of the MLP head.
+        pool: pooling mode; ``max_fixed_size`` as in :class:`InvariantPool`.
+        **unf_kwargs: passed to :class:`UNF` (``norm``, ``fixed``, ``positional_encoding``, ``dtype``, ...).
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, channels: Sequence[int], out_features: int,
+                 head_hidden: Sequence[int] = (64,), pool: str = "mean", max_fixed_size: int | None = 64,
+                 activation: type[nn.Module] = nn.ReLU, **unf_kwargs) -> None:
+        super().__init__()
+        self.backbone = UNF(spec, channels, activation=activation, final_activation=True, **unf_kwargs)
+        self.pool = InvariantPool(spec, channels[-1], pool, max_fixed_size)
+        fk = {k: unf_kwargs[k] for k in ("device", "dtype") if k in unf_kwargs}
+        self.head = _mlp([self.pool.out_features, *head_hidden, out_features], activation, **fk)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        return self.head(self.pool(self.backbone(x)))
+
+
+class DeepSetLayer(nn.Module):
+    """DeepSet baseline: ``y_e = Gamma x_e + Lambda mean_e(x_e) + b`` with ``Gamma``, ``Lambda``, ``b`` shared
+    across entries (a per-element map plus per-entry pooled context, as in the learned-optimizer DeepSet).
+
+    Equivariant under every permutation of each entry's elements, hence under any spec's group.
+    ``per_entry=True`` gives every entry its own ``Gamma``, ``Lambda``, ``b``.
+    """
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int, out_channels: int, per_entry: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec, self.per_entry = spec, per_entry
+        k = len(spec.entries) if per_entry else 1
+        fk = {"device": device, "dtype": dtype}
+        bound = 1.0 / math.sqrt(2 * in_channels)
+        self.gamma = nn.Parameter(torch.empty(k, out_channels, in_channels, **fk).uniform_(-bound, bound))
+        self.lam = nn.Parameter(torch.empty(k, out_channels, in_channels, **fk).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.zeros(k, out_channels, **fk))
+        self._numel = [_prod(e.shape) for e in spec.entries]
+
+    def forward(self, x: Features) -> Features:
+        flats = [x[e.name].flatten(2) for e in self.spec.entries]
+        if self.per_entry:
+            out = {}
+            for i, (e, f) in enumerate(zip(self.spec.entries, flats)):
+                y = torch.matmul(self.gamma[i], f) + (torch.matmul(self.lam[i], f.mean(2, keepdim=True))
+                                                      + self.bias[i].view(1, -1, 1))
+                out[e.name] = y.reshape(y.shape[:2] + e.shape)
+            return _wrap(x, self.spec, out)
+        # one matmul over all entries; per-entry contexts expanded back to their elements
+        flat = torch.cat(flats, 2)
+        means = torch.stack([f.mean(2) for f in flats], 2)  # (B, C, E)
+        ctx = torch.matmul(self.lam[0], means) + self.bias[0].view(1, -1, 1)
+        counts = torch.tensor(self._numel, device=flat.device)
+        y = torch.matmul(self.gamma[0], flat) + ctx.repeat_interleave(counts, dim=2,
+                                                                      output_size=flat.shape[2])
+        out = {}
+        for e, part in zip(self.spec.entries, y.split(self._numel, 2)):
+            out[e.name] = part.reshape(part.shape[:2] + e.shape)
+        return _wrap(x, self.spec, out)
+
+
+class DeepSet(nn.Module):
+    """A stack of :class:`DeepSetLayer` with a pointwise nonlinearity between layers."""
+
+    def __init__(self, spec: WeightSpaceSpec, channels: Sequence[int],
+                 activation: type[nn.Module] = nn.ReLU, final_activation: bool = False, **kw) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        n = len(channels) - 1
+        for k in range(n):
+            layers.append(DeepSetLayer(spec, channels[k], channels[k + 1], **kw))
+            if k < n - 1 or final_activation:
+                layers.append(EntryActivation(activation()))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x: Features) -> Features:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class StatFeatures(nn.Module):
+    """StatNN features (Unterthiner et al. 2020): per entry and channel, mean, variance and the 0, 25, 50, 75
+    and 100 % quantiles of its elements. Output ``(batch, entries * channels * 7)``; invariant under any
+    permutation of each entry's elements."""
+
+    QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, spec: WeightSpaceSpec, channels: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.out_features = len(spec.entries) * channels * (2 + len(self.QUANTILES))
+
+    def forward(self, x: Features) -> torch.Tensor:
+        outs = []
+        for e in self.spec.entries:
+            f = x[e.name].flatten(2)
+            n = f.shape[2]
+            s = f.sort(dim=2).values  # sort-based quantiles: no size limit, linear interpolation
+            pos = torch.tensor([q * (n - 1) for q in self.QUANTILES], dtype=f.dtype, device=f.device)
+            lo = pos.floor().long()
+            hi = pos.ceil().long()
+            frac = pos - lo.to(f.dtype)
+            q = s[:, :, lo] * (1 - frac) + s[:, :, hi] * frac
+            var = f.var(2, unbiased=False)
+            outs.append(torch.cat([f.mean(2, keepdim=True), var.unsqueeze(2), q], 2).flatten(1))
+        return torch.cat(outs, 1)
+
+
+class StatNN(nn.Module):
+    """StatNN baseline: :class:`StatFeatures` -> MLP."""
+
+    def __init__(self, spec: WeightSpaceSpec, in_channels: int, out_features: int,
+                 hidden: Sequence[int] = (64, 64), activation: type[nn.Module] = nn.ReLU,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.features = StatFeatures(spec, in_channels)
+        self.head = _mlp([self.features.out_features, *hidden, out_features], activation, device=device,
+                         dtype=dtype)
+
+    def forward(self, x: Features) -> torch.Tensor:
+        return self.head(self.features(x))
