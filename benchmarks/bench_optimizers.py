@@ -39,12 +39,13 @@ def cnn_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 TASKS = {"mlp": mlp_task, "cnn": cnn_task}
 
 
-def optimizer_factories() -> dict[str, Callable[[nn.Module], torch.optim.Optimizer]]:
+def optimizer_factories() -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
     return {
-        "Adam": lambda m: torch.optim.Adam(m.parameters(), lr=1e-3),
-        "SGD-momentum": lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-        "PerParamMLP": lambda m: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.PerParamMLP())),
-        "DeepSet": lambda m: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.DeepSet())),
+        "Adam": lambda m, x: torch.optim.Adam(m.parameters(), lr=1e-3),
+        "SGD-momentum": lambda m, x: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
+        "PerParamMLP": lambda m, x: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.PerParamMLP())),
+        "DeepSet": lambda m, x: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.DeepSet())),
+        "UNF": lambda m, x: O.UNFOptimizer(m, x),
     }
 
 
@@ -82,7 +83,7 @@ def main() -> None:
         results = {}
         for opt_name, make in optimizer_factories().items():
             model.load_state_dict(init)
-            results[opt_name] = time_steps(model, make(model), x, y, args.steps)
+            results[opt_name] = time_steps(model, make(model, x), x, y, args.steps)
         base = results["Adam"][0]
         for opt_name, (full, step) in results.items():
             print(f"  {opt_name:13s} step {full * 1e3:8.2f} ms  ({full / base:5.2f}x Adam)   "
