@@ -1,5 +1,6 @@
-"""Meta-training of learned optimizers: offline datasets (:mod:`meta_train.data`) and functional training tasks
-and task families (:mod:`meta_train.tasks`). Estimators and the meta-training loop come in a later issue."""
+"""Meta-training of learned optimizers: offline datasets (:mod:`meta_train.data`), functional training tasks
+and task families (:mod:`meta_train.tasks`), meta-gradient estimators (:mod:`meta_train.estimators`: BPTT, ES,
+PES). The meta-training loop, distributed execution and the CLI come in a later issue."""
 
 from .data import (
     WORK_SEPARATOR,
@@ -20,6 +21,7 @@ from .data import (
     resize_images,
     shakespeare_slice_path,
 )
+from .estimators import PES, FlatProblem, bptt, es, unroll
 from .tasks import (
     ACTIVATIONS,
     MLP,
@@ -52,6 +54,11 @@ from .tasks import (
 )
 
 __all__ = [
+    "FlatProblem",
+    "unroll",
+    "bptt",
+    "es",
+    "PES",
     # data
     "ClassificationData", "TextData", "CharTokenizer", "ByteTokenizer", "Tokenizer", "WORK_SEPARATOR",
     "load_digits", "make_mnist1d", "read_idx", "load_fashion_mnist", "load_cifar10", "fashion_mnist_8x8",

@@ -67,9 +67,13 @@ class LearnedRule(nn.Module):
 
     def decays(self) -> torch.Tensor:
         fixed = self._fixed_decays
-        if fixed.device != self.raw_gamma0.device:
-            fixed = self._fixed_decays = fixed.to(self.raw_gamma0.device)
-        return torch.cat([self.gamma0.reshape(1).float(), fixed])
+        if fixed.device != self.raw_gamma0.device or fixed.dtype != self.raw_gamma0.dtype:
+            fixed = self._fixed_decays = fixed.to(self.raw_gamma0.device, self.raw_gamma0.dtype)
+        return torch.cat([self.gamma0.reshape(1), fixed])
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, RuleState, torch.Tensor]:
+        """Same as :meth:`update` (so ``torch.func.functional_call(rule, meta_params, args)`` runs a step)."""
+        return self.update(*args, **kwargs)
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: RuleState, segments: Segments,
                lr: float | torch.Tensor = 1.0, active: torch.Tensor | None = None

@@ -1,0 +1,156 @@
+"""Meta-gradient estimators for learned optimizers: truncated BPTT, antithetic ES and PES (Vicol et al. 2021).
+
+All three share one pure inner loop, :func:`unroll`: ``K`` steps of the learned rule on a flat parameter vector,
+with the meta-parameters ``theta`` (a dict of tensors, a subset of the rule's parameters is fine) substituted by
+``torch.func.functional_call``. The meta-loss of a truncation is the mean inner training loss over its steps.
+
+- :func:`bptt` differentiates through the unroll (second order: gradients of inner gradients).
+- :func:`es` perturbs ``theta`` antithetically with ``N(0, sigma^2)`` noise for every particle and weights the loss
+  differences by the noise; particles run vectorised with ``torch.func.vmap``.
+- :class:`PES` keeps, for every particle, its own + and - inner runs across truncations and the *sum* of all
+  perturbations used since that run started; weighting by that sum makes the sum of truncation estimates unbiased
+  for the whole unroll (reset it when an inner run restarts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, grad_and_value, vmap
+
+from optimizers.features import Segments
+from optimizers.rule import LearnedRule, RuleState
+
+__all__ = ["FlatProblem", "unroll", "bptt", "es", "PES"]
+
+Theta = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class FlatProblem:
+    """An inner problem on a flat parameter vector: ``loss(w, batch)`` and the segments the rule pools over."""
+
+    loss: Callable[[torch.Tensor, object], torch.Tensor]
+    segments: Segments
+
+    @classmethod
+    def from_task(cls, task, example_params: Mapping[str, torch.Tensor]) -> FlatProblem:
+        """Wrap a ``meta_train.tasks.Task``: flat vectors are its parameters concatenated in dict order."""
+        names = list(example_params)
+        shapes = [tuple(example_params[n].shape) for n in names]
+        sizes = [int(example_params[n].numel()) for n in names]
+
+        def loss(w: torch.Tensor, batch: object) -> torch.Tensor:
+            parts = torch.split(w, sizes)
+            return task.loss({n: p.view(s) for n, p, s in zip(names, parts, shapes)}, batch)
+
+        return cls(loss, Segments.from_sizes(sizes))
+
+
+def flatten_params(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+def unroll(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor, momenta: torch.Tensor,
+           step: torch.Tensor, batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``len(batches)`` inner steps; returns ``(w, momenta, step, losses)`` (losses before each update)."""
+    losses = []
+    for batch in batches:
+        g, loss = grad_and_value(problem.loss)(w, batch)
+        w, state, _ = functional_call(rule, theta, (w, g, RuleState(momenta, step), problem.segments))
+        momenta, step = state.momenta, state.step
+        losses.append(loss)
+    return w, momenta, step, torch.stack(losses)
+
+
+def bptt(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor, momenta: torch.Tensor,
+         step: torch.Tensor, batches: list) -> tuple[Theta, torch.Tensor, tuple]:
+    """Truncated backprop through ``len(batches)`` steps. Returns ``(grads, meta_loss, (w, momenta, step))``."""
+
+    def meta_loss(th: Theta):
+        w2, m2, s2, losses = unroll(rule, th, problem, w, momenta, step, batches)
+        return losses.mean(), (w2, m2, s2)
+
+    grads, (loss, state) = grad_and_value(meta_loss, has_aux=True)(theta)
+    return grads, loss.detach(), tuple(t.detach() for t in state)
+
+
+def _noise(theta: Theta, particles: int, sigma: float, generator: torch.Generator | None) -> Theta:
+    return {k: torch.randn((particles, *v.shape), generator=generator, dtype=v.dtype, device=v.device) * sigma
+            for k, v in theta.items()}
+
+
+def _weighted(noise: Theta, diffs: torch.Tensor, sigma: float) -> Theta:
+    """sum_i diffs_i * noise_i / (2 sigma^2 P): the antithetic estimator."""
+    scale = diffs / (2 * sigma**2 * diffs.shape[0])
+    return {k: torch.einsum("p,p...->...", scale.to(v.dtype), v) for k, v in noise.items()}
+
+
+def es(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor, momenta: torch.Tensor,
+       step: torch.Tensor, batches: list, particles: int = 64, sigma: float = 0.01,
+       generator: torch.Generator | None = None) -> tuple[Theta, torch.Tensor]:
+    """Antithetic ES gradient of the truncation's meta-loss from one shared inner state. Returns ``(grads, loss)``."""
+    eps = _noise(theta, particles, sigma, generator)
+
+    def loss_at(e: Theta, sign: float) -> torch.Tensor:
+        th = {k: theta[k] + sign * e[k] for k in theta}
+        return unroll(rule, th, problem, w, momenta, step, batches)[3].mean()
+
+    plus = vmap(lambda e: loss_at(e, 1.0))(eps)
+    minus = vmap(lambda e: loss_at(e, -1.0))(eps)
+    return _weighted(eps, plus - minus, sigma), (plus + minus).mean().detach() / 2
+
+
+class PES:
+    """Persistent Evolution Strategies: unbiased over truncations of the same inner runs.
+
+    Each particle keeps two inner runs (+ and -) and the sum ``xi`` of all perturbations used since they started.
+    Call :meth:`step` once per truncation with that truncation's batches; call :meth:`reset` (all or some
+    particles) when their inner runs restart from a fresh initialisation.
+    """
+
+    def __init__(self, rule: LearnedRule, problem: FlatProblem, particles: int = 16, sigma: float = 0.01):
+        self.rule, self.problem, self.particles, self.sigma = rule, problem, particles, sigma
+        self.w = self.momenta = self.step_count = None
+        self.xi: Theta = {}
+
+    def reset(self, w0: torch.Tensor, momenta0: torch.Tensor, theta: Theta,
+              which: torch.Tensor | None = None) -> None:
+        """(Re)start inner runs from ``w0`` for all particles, or those where ``which`` (P,) bool is True."""
+        p = self.particles
+        fresh_w = w0.expand(2, p, *w0.shape).clone()
+        fresh_m = momenta0.expand(2, p, *momenta0.shape).clone()
+        fresh_s = torch.zeros(2, p, dtype=momenta0.dtype, device=momenta0.device)
+        fresh_xi = {k: torch.zeros((p, *v.shape), dtype=v.dtype, device=v.device) for k, v in theta.items()}
+        if which is None or self.w is None:
+            self.w, self.momenta, self.step_count, self.xi = fresh_w, fresh_m, fresh_s, fresh_xi
+            return
+        sel = which.view(1, p)
+        self.w = torch.where(sel.view(1, p, *[1] * w0.dim()), fresh_w, self.w)
+        self.momenta = torch.where(sel.view(1, p, *[1] * momenta0.dim()), fresh_m, self.momenta)
+        self.step_count = torch.where(sel, fresh_s, self.step_count)
+        self.xi = {k: torch.where(which.view(p, *[1] * v.dim()), fresh_xi[k], self.xi[k]) for k, v in theta.items()}
+
+    def step(self, theta: Theta, batches: list, generator: torch.Generator | None = None
+             ) -> tuple[Theta, torch.Tensor]:
+        """One truncation: advance every particle's + and - runs; returns ``(grads, mean meta-loss)``."""
+        if self.w is None:
+            raise RuntimeError("call reset(w0, momenta0, theta) before the first PES step")
+        eps = _noise(theta, self.particles, self.sigma, generator)
+
+        def run(e: Theta, w: torch.Tensor, m: torch.Tensor, s: torch.Tensor, sign: float):
+            th = {k: theta[k] + sign * e[k] for k in theta}
+            w2, m2, s2, losses = unroll(self.rule, th, self.problem, w, m, s, batches)
+            return w2, m2, s2, losses.mean()
+
+        outs = [vmap(lambda e, w, m, s, sign=sign: run(e, w, m, s, sign))(eps, self.w[i], self.momenta[i],
+                                                                           self.step_count[i])
+                for i, sign in enumerate((1.0, -1.0))]
+        self.w = torch.stack([o[0] for o in outs]).detach()
+        self.momenta = torch.stack([o[1] for o in outs]).detach()
+        self.step_count = torch.stack([o[2] for o in outs]).detach()
+        self.xi = {k: self.xi[k] + eps[k] for k in theta}
+        diffs = outs[0][3] - outs[1][3]
+        return _weighted(self.xi, diffs, self.sigma), ((outs[0][3] + outs[1][3]) / 2).mean().detach()
