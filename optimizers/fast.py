@@ -55,7 +55,7 @@ class _Features:
                  step: torch.Tensor, seg: Segments, scale: torch.Tensor):
         self.param, self.grad, self.ok, self.momenta, self.seg, self.scale = param, grad, ok, momenta, seg, scale
         self.step_feats = step_encoding(step)
-        self.zero = torch.zeros((), device=param.device)
+        self.zero = torch.zeros((), device=param.device, dtype=param.dtype)
         self.rows = torch.empty(N_TENSOR_FEATURES, CHUNK, device=param.device)
         self.buffer = torch.empty(CHUNK, N_TENSOR_FEATURES + N_STEP_FEATURES, device=param.device)
 

@@ -68,19 +68,24 @@ class Segments:
         return self._runs[key]
 
 
-_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def step_encoding(step: torch.Tensor) -> torch.Tensor:
-    """(11,) encoding of a scalar step tensor: sin/cos of ``t / tau`` for log-spaced ``tau`` in [1, 1e5]."""
-    consts = _CONSTANTS.get(step.device)
-    if consts is None:  # built once per device: this runs every optimizer step
-        periods = torch.tensor(_PERIODS, dtype=torch.float32, device=step.device)
-        phase = torch.tensor([0.0 if k % 2 == 0 else math.pi / 2 for k in range(N_STEP_FEATURES)],
+    """(11,) encoding of a scalar step tensor: sin/cos of ``t / tau`` for log-spaced ``tau`` in [1, 1e5].
+
+    Computed in the step's floating dtype (float32 normally; float64 when meta-gradients are checked in float64).
+    """
+    dtype = step.dtype if step.is_floating_point() else torch.float32
+    key = (step.device, dtype)
+    consts = _CONSTANTS.get(key)
+    if consts is None:  # built once per device and dtype: this runs every optimizer step
+        periods = torch.tensor(_PERIODS, dtype=dtype, device=step.device)
+        phase = torch.tensor([0.0 if k % 2 == 0 else math.pi / 2 for k in range(N_STEP_FEATURES)], dtype=dtype,
                              device=step.device)
-        consts = _CONSTANTS[step.device] = (periods, phase)
+        consts = _CONSTANTS[key] = (periods, phase)
     periods, phase = consts
-    return torch.sin(step.float() / periods + phase)
+    return torch.sin(step.to(dtype) / periods + phase)
 
 
 def segment_mean(x: torch.Tensor, seg: Segments) -> torch.Tensor:
