@@ -1,6 +1,6 @@
 """Meta-training of learned optimizers: offline datasets (:mod:`meta_train.data`), functional training tasks
 and task families (:mod:`meta_train.tasks`), meta-gradient estimators (:mod:`meta_train.estimators`: BPTT, ES,
-PES). The meta-training loop, distributed execution and the CLI come in a later issue."""
+PES), and the loop (:mod:`meta_train.loop`: atomic checkpoints, exact resume)."""
 
 from .data import (
     WORK_SEPARATOR,
@@ -22,6 +22,7 @@ from .data import (
     shakespeare_slice_path,
 )
 from .estimators import PES, FlatProblem, bptt, es, unroll
+from .loop import MetaTrainConfig, meta_train
 from .tasks import (
     ACTIVATIONS,
     MLP,
@@ -54,6 +55,8 @@ from .tasks import (
 )
 
 __all__ = [
+    "MetaTrainConfig",
+    "meta_train",
     "FlatProblem",
     "unroll",
     "bptt",
