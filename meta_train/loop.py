@@ -28,7 +28,7 @@ import optimizers as O
 from .estimators import PES, FlatProblem, bptt, es
 from .tasks import get_task
 
-__all__ = ["MetaTrainConfig", "meta_train", "save_checkpoint_atomic"]
+__all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atomic"]
 
 
 @dataclass
@@ -47,6 +47,34 @@ class MetaTrainConfig:
     clip: float = 1.0
     checkpoint_every: int = 10
     seed: int = 0
+
+
+def load_config(path: str | os.PathLike, **overrides: Any) -> MetaTrainConfig:
+    """Read a TOML config (a flat table of :class:`MetaTrainConfig` fields); errors name the offending field."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ValueError(f"no config file at {path}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{path} is not valid TOML: {e}") from e
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    fields = {f.name: f for f in dataclasses.fields(MetaTrainConfig)}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(f"{path}: unknown field {key!r}; valid fields: {', '.join(fields)}")
+        default = fields[key].default
+        expected = type(default) if default is not dataclasses.MISSING else str
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = data[key] = float(value)
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise ValueError(f"{path}: field {key!r} must be {expected.__name__}, got {type(value).__name__} "
+                             f"{value!r}")
+    if "run_dir" not in data:
+        raise ValueError(f"{path}: missing required field 'run_dir'")
+    return MetaTrainConfig(**data)
 
 
 def save_checkpoint_atomic(obj: Any, path: Path) -> None:

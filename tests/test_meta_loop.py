@@ -73,3 +73,26 @@ def test_resume_refuses_a_different_config(tmp_path):
     meta_train(MetaTrainConfig(run_dir=str(tmp_path), meta_steps=2, truncation=2, particles=2), progress=False)
     with pytest.raises(ValueError, match="different config"):
         meta_train(MetaTrainConfig(run_dir=str(tmp_path), meta_steps=2, truncation=3, particles=2), progress=False)
+
+
+def test_cli_meta_train_with_toml_config(tmp_path, capsys):
+    from unf.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nmeta_steps = 2\ntruncation = 2\nparticles = 2\n')
+    assert main(["meta-train", str(config), "--no-progress"]) == 0
+    assert (tmp_path / "run" / "rule.safetensors").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text('run_dir = "x"\nparticels = 2\n')
+    assert main(["meta-train", str(bad)]) == 2
+    assert "unknown field 'particels'" in capsys.readouterr().err
+    bad.write_text('run_dir = "x"\nparticles = "many"\n')
+    assert main(["meta-train", str(bad)]) == 2
+    assert "field 'particles' must be int" in capsys.readouterr().err
+
+
+def test_shipped_example_config_is_valid():
+    from meta_train.loop import load_config
+
+    cfg = load_config(Path(__file__).parent.parent / "examples" / "configs" / "mlp_digits_pes.toml")
+    assert cfg.estimator == "pes" and cfg.meta_steps == 200

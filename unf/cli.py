@@ -1,4 +1,4 @@
-"""The ``unf`` command line: ``unf demo``, ``unf spec MODULE:FACTORY``."""
+"""The ``unf`` command line: ``unf demo``, ``unf spec MODULE:FACTORY``, ``unf meta-train CONFIG``."""
 
 from __future__ import annotations
 
@@ -100,6 +100,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_meta_train(args: argparse.Namespace) -> int:
+    from meta_train.loop import load_config, meta_train
+
+    cfg = load_config(args.config, run_dir=args.run_dir)
+    meta_train(cfg, progress=not args.no_progress)
+    print(f"meta-trained rule written to {cfg.run_dir}/rule.safetensors (metrics: {cfg.run_dir}/metrics.csv)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unf", description="universal-neural-functionals command line")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -117,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also verify the spec with N random permutations (exit 1 if it fails)")
     spec.add_argument("--float64", action="store_true", help="convert model and inputs to float64 first")
     spec.set_defaults(func=cmd_spec)
+
+    mt = sub.add_parser("meta-train", help="meta-train a learned optimizer from a TOML config (resumes if stopped)")
+    mt.add_argument("config", help="TOML file with MetaTrainConfig fields (run_dir, task, family, estimator, ...)")
+    mt.add_argument("--run-dir", default=None, help="override the config's run_dir")
+    mt.add_argument("--no-progress", action="store_true")
+    mt.set_defaults(func=cmd_meta_train)
     return parser
 
 
@@ -134,9 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from unf.compiler import SpecError
 
-        kind = "" if isinstance(e, (CLIError, SpecError)) else f"{type(e).__name__}: "
+        expected = (CLIError, SpecError, ValueError)
+        kind = "" if isinstance(e, expected) else f"{type(e).__name__}: "
         print(f"unf: error: {kind}{e}", file=sys.stderr)
-        if not isinstance(e, (CLIError, SpecError)):
+        if not isinstance(e, expected):
             print("unf: run with --debug for the full traceback", file=sys.stderr)
         return 2
 
