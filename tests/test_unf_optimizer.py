@@ -67,7 +67,7 @@ def test_unf_optimizer_trains_and_refuses_new_groups():
         loss = ((model(x) - y) ** 2).mean()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     with pytest.raises(RuntimeError, match="re-derived"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]})
