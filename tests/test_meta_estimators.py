@@ -46,7 +46,7 @@ def test_bptt_matches_finite_differences(setup):
         up = {**theta, k: theta[k] + h}
         down = {**theta, k: theta[k] - h}
         fd = (meta_loss(rule, up, problem, w, m, s, batches)
-              - meta_loss(rule, down, problem, w, m, s, batches)) / (2 * h)
+              - meta_loss(rule, down, problem, w, m, s, batches)).detach() / (2 * h)
         assert abs(float(grads[k]) - float(fd)) <= 1e-7 * max(1.0, abs(float(fd))), k
     # and it equals plain autograd through the same unroll
     leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
