@@ -74,7 +74,8 @@ def bptt(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor,
         return losses.mean(), (w2, m2, s2)
 
     grads, (loss, state) = grad_and_value(meta_loss, has_aux=True)(theta)
-    return grads, loss.detach(), tuple(t.detach() for t in state)
+    # parameters of the rule outside ``theta`` are constants here: return plain tensors
+    return {k: v.detach() for k, v in grads.items()}, loss.detach(), tuple(t.detach() for t in state)
 
 
 def _noise(theta: Theta, particles: int, sigma: float, generator: torch.Generator | None) -> Theta:
@@ -84,7 +85,7 @@ def _noise(theta: Theta, particles: int, sigma: float, generator: torch.Generato
 
 def _weighted(noise: Theta, diffs: torch.Tensor, sigma: float) -> Theta:
     """sum_i diffs_i * noise_i / (2 sigma^2 P): the antithetic estimator."""
-    scale = diffs / (2 * sigma**2 * diffs.shape[0])
+    scale = diffs.detach() / (2 * sigma**2 * diffs.shape[0])
     return {k: torch.einsum("p,p...->...", scale.to(v.dtype), v) for k, v in noise.items()}
 
 
