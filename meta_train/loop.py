@@ -25,7 +25,8 @@ from tqdm import tqdm
 
 import optimizers as O
 
-from .estimators import PES, FlatProblem, bptt, es
+from .build import build_rule
+from .estimators import PES, bptt, es
 from .tasks import get_task
 
 __all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atomic"]
@@ -111,10 +112,9 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True) -> O.LearnedRule:
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     task = get_task(cfg.task)
-    rule = O.make_rule(cfg.family, hidden=cfg.hidden)
-    meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
     w0_params = task.init(gen)
-    problem = FlatProblem.from_task(task, w0_params)
+    rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden)
+    meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
     names = list(w0_params)
 
     def fresh_inner() -> tuple[torch.Tensor, torch.Tensor]:
