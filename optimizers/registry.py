@@ -4,8 +4,10 @@ A weights file holds the rule's tensors (``f`` and the scalars) and, in the safe
 its constructor arguments, so :func:`load_rule` rebuilds the exact module. Files shipped in
 ``optimizers/weights/`` are listed by :func:`available` and built into optimizers by :func:`load`.
 
-Transfer rule: ``f`` shares its weights across all elements and segments (tensors or spec entries), so weights
-trained on one model apply to any other model; only the family's hyperparameters (widths) are fixed by the file.
+Transfer rule: per-element families (``mlp``, ``deepset``) share their weights across all elements and segments,
+so weights trained on one model apply to any other model. The UNF family stores its spec too; on a model with
+another spec its coefficients are matched by *role key* (see :mod:`optimizers.unf_family`): shared keys keep
+their trained values, unseen ones start at zero. Only the family's hyperparameters (widths) are fixed by the file.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from unf import WeightSpaceSpec
+
 from .families import FAMILIES
 from .optimizer import LearnedOptimizer
 from .rule import LearnedRule
+from .unf_family import UNFFamily, UNFOptimizer
 
 __all__ = ["save_rule", "load_rule", "available", "load", "make_rule", "WEIGHTS_DIR"]
 
@@ -30,18 +35,25 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 _FORMAT = "unf.LearnedRule/1"
 
 
-def make_rule(family: str, **family_kwargs: Any) -> LearnedRule:
-    """A fresh rule of a named family (``"mlp"``, ``"deepset"``) with default scalars."""
+def make_rule(family: str, spec: WeightSpaceSpec | None = None, **family_kwargs: Any) -> LearnedRule:
+    """A fresh rule of a named family (``"mlp"``, ``"deepset"``, or ``"unf"``, which needs ``spec``)."""
+    if family == "unf":
+        if spec is None:
+            raise ValueError("the 'unf' family needs the model's spec: make_rule('unf', spec=unf.derive_spec(...))")
+        return LearnedRule(UNFFamily(spec.parameters_only(), **family_kwargs))
     if family not in FAMILIES:
-        raise KeyError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+        raise KeyError(f"unknown family {family!r}; choose one of {sorted(FAMILIES) + ['unf']}")
     return LearnedRule(FAMILIES[family](**family_kwargs))
 
 
 def _config(rule: LearnedRule) -> dict[str, Any]:
+    config = {"family_kwargs": getattr(rule.f, "config", {}), "bound": rule.bound}
+    if isinstance(rule.f, UNFFamily):
+        return {"family": "unf", "spec": rule.f.spec.to_json(), **config}
     family = next((k for k, v in FAMILIES.items() if type(rule.f) is v), None)
     if family is None:
         raise ValueError(f"cannot save a rule whose f is a {type(rule.f).__name__}: not a registered family")
-    return {"family": family, "family_kwargs": getattr(rule.f, "config", {}), "bound": rule.bound}
+    return {"family": family, **config}
 
 
 def save_rule(rule: LearnedRule, path: str | os.PathLike, **info: Any) -> None:
@@ -76,7 +88,8 @@ def load_rule(path: str | os.PathLike, device: torch.device | str = "cpu") -> Le
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{path} is not a learned-optimizer weights file (format={meta.get('format')!r})")
     config = json.loads(meta["config"])
-    rule = make_rule(config["family"], **config.get("family_kwargs", {}))
+    spec = WeightSpaceSpec.from_json(config["spec"]) if "spec" in config else None
+    rule = make_rule(config["family"], spec=spec, **config.get("family_kwargs", {}))
     rule.bound = float(config.get("bound", rule.bound))
     rule.load_state_dict(load_file(str(path), device=str(device)))
     return rule
@@ -87,13 +100,23 @@ def available() -> list[str]:
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
 
 
-def load(name: str, model_or_params: nn.Module | Any, lr: float = 1.0, **kwargs: Any) -> LearnedOptimizer:
-    """An optimizer with shipped weights ``name`` (see :func:`available`) or a weights file path."""
+def load(name: str, model_or_params: nn.Module | Any, lr: float = 1.0, example_inputs: Any = None,
+         **kwargs: Any) -> LearnedOptimizer:
+    """An optimizer with shipped weights ``name`` (see :func:`available`) or a weights file path.
+
+    UNF weights need the model and ``example_inputs`` (to derive its spec); they are transferred by role if the
+    model's spec differs from the one they were trained on.
+    """
     path = Path(name)
     if not path.suffix:
         path = WEIGHTS_DIR / f"{name}.safetensors"
         if not path.exists():
             raise KeyError(f"no shipped optimizer weights named {name!r}; available: {available() or 'none yet'}")
     rule = load_rule(path)
+    if isinstance(rule.f, UNFFamily):
+        if not isinstance(model_or_params, nn.Module) or example_inputs is None:
+            raise ValueError(f"{name!r} is a UNF optimizer: pass the model and example_inputs, e.g. "
+                             f"optimizers.load({name!r}, model, example_inputs=x)")
+        return UNFOptimizer(model_or_params, example_inputs, rule=rule, lr=lr, **kwargs)
     params = model_or_params.parameters() if isinstance(model_or_params, nn.Module) else model_or_params
     return LearnedOptimizer(params, rule, lr=lr, **kwargs)

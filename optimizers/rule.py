@@ -71,6 +71,14 @@ class LearnedRule(nn.Module):
             fixed = self._fixed_decays = fixed.to(self.raw_gamma0.device, self.raw_gamma0.dtype)
         return torch.cat([self.gamma0.reshape(1), fixed])
 
+    def with_f(self, f: nn.Module) -> LearnedRule:
+        """A rule with these scalars (copied) and another ``f`` (e.g. the same weights on another spec)."""
+        new = LearnedRule(f, bound=self.bound).to(self.raw_alpha.device)
+        with torch.no_grad():
+            for name in ("raw_alpha", "beta", "raw_gamma0"):
+                getattr(new, name).copy_(getattr(self, name))
+        return new
+
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, RuleState, torch.Tensor]:
         """Same as :meth:`update` (so ``torch.func.functional_call(rule, meta_params, args)`` runs a step)."""
         return self.update(*args, **kwargs)

@@ -4,17 +4,26 @@
 The flat parameter vector is read as spec entries through precomputed index maps, so ``f`` sees how weights
 connect (which rows of one matrix feed which columns of the next) while staying equivariant to the model's
 permutation symmetries: permuting the model by its spec permutes every update the same way.
+
+Transfer by role. With ``tie="role"`` (default) the UNF read-out is a :class:`unf.nn.RoleUNFLinear`: its
+coefficients belong to *role keys* (the structure of a term: which axes are permuted or fixed, which share a
+group, the partition), not to named entries, and the DeepSet layers are shared by every element. Weights
+trained on one model therefore apply to any other: :meth:`UNFFamily.transfer` builds the family for a new spec,
+copies every shared key and starts unseen keys at zero (those terms fall back to the DeepSet read-out, which
+every element has). ``tie="none"`` gives every basis term its own coefficient (the paper's layer, spec-bound).
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from unf import WeightSpaceSpec, derive_spec
-from unf.nn import UNFLinear
+from unf.nn import RoleUNFLinear, UNFLinear
 
 from .families import DeepSet
 from .features import N_FEATURES, Segments
@@ -25,62 +34,101 @@ __all__ = ["UNFFamily", "UNFOptimizer"]
 
 
 class UNFFamily(nn.Module):
-    """``f(features)``: DS[hidden] x layers (pooling per spec entry) -> UNFLinear(hidden -> 1) over ``spec``.
+    """``f(features)``: DS[hidden] x layers (pooling per spec entry) -> DS read-out + UNFLinear(hidden -> 1).
 
-    Call :meth:`bind` with the parameters (in ``spec.sources`` order) before use: it fixes where each entry's
-    elements sit in the flat vector.
+    Call :meth:`bind` (parameters in ``spec.sources`` order) or :meth:`bind_layout` (any flat layout) before use:
+    it fixes where each entry's elements sit in the flat vector. Both read-outs start at zero, so a fresh family
+    is plain momentum SGD until meta-training changes it.
     """
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, layers: int = 3, in_features: int = N_FEATURES,
-                 fixed: str = "relax"):
+                 tie: str = "role"):
         super().__init__()
+        if tie not in ("role", "none"):
+            raise ValueError(f"tie must be 'role' (transferable) or 'none' (one coefficient per term), got {tie!r}")
         self.spec = spec
-        self.config = {"hidden": hidden, "layers": layers, "in_features": in_features, "fixed": fixed}
+        self.config = {"hidden": hidden, "layers": layers, "in_features": in_features, "tie": tie}
         self.deepset = DeepSet(hidden, layers, in_features)
-        del self.deepset.out  # the UNF layer replaces the DeepSet read-out
-        self.head = UNFLinear(spec, hidden, 1, fixed=fixed)
-        with torch.no_grad():  # start as momentum SGD: the learned term is zero until meta-training changes it
+        self.head = RoleUNFLinear(spec, hidden, 1) if tie == "role" else UNFLinear(spec, hidden, 1)
+        with torch.no_grad():
             for p in self.head.parameters():
                 p.zero_()
         self._index: dict[str, torch.Tensor] = {}
+        self._gather: torch.Tensor | None = None
         self._segments: Segments | None = None
 
-    def bind(self, params: list[torch.Tensor]) -> None:
-        """Index maps entry -> flat positions for parameters laid out in ``spec.sources`` order."""
-        sources = self.spec.sources
-        if len(params) != len(sources):
-            raise ValueError(f"the spec has {len(sources)} parameter sources but {len(params)} parameters were given")
+    # ------------------------------------------------------------------ layout
+    def bind_layout(self, names: Sequence[str], shapes: Sequence[torch.Size | Sequence[int]]) -> Segments:
+        """Index maps entry -> flat positions for parameters ``names`` (with ``shapes``) concatenated in that order.
+        Returns the per-entry :class:`Segments` the DeepSet layers pool over."""
+        shapes = [torch.Size(s) for s in shapes]
+        missing = sorted(set(self.spec.sources) - set(names))
+        if missing or len(names) != len(self.spec.sources):
+            extra = sorted(set(names) - set(self.spec.sources))
+            raise ValueError(f"the layout does not match the spec's parameters: missing {missing[:3]}, "
+                             f"not in the spec {extra[:3]}")
         offsets, offset = {}, 0
-        for name, p in zip(sources, params):
-            offsets[name] = (offset, p.shape)
-            offset += p.numel()
-        ids = torch.empty(offset, dtype=torch.int64)
-        counts = []
+        for name, shape in zip(names, shapes):
+            offsets[name] = (offset, shape)
+            offset += shape.numel()
+        ids = torch.full((offset,), -1, dtype=torch.int64)
+        counts, index = [], {}
         for k, e in enumerate(self.spec.entries):
             start, shape = offsets[e.source]
-            flat = torch.arange(start, start + int(torch.Size(shape).numel())).view(shape)
-            index = e.view(flat)
-            self._index[e.name] = index.contiguous()
-            ids[index.reshape(-1)] = k
-            counts.append(index.numel())
+            try:
+                idx = e.view(torch.arange(start, start + shape.numel()).view(shape)).contiguous()
+            except RuntimeError as err:
+                raise ValueError(f"parameter {e.source!r} of shape {tuple(shape)} cannot be viewed as spec entry "
+                                 f"{e.name!r} {tuple(e.shape)}: {err}") from err
+            if tuple(idx.shape) != tuple(e.shape):
+                raise ValueError(f"parameter {e.source!r} of shape {tuple(shape)} gives entry {e.name!r} the shape "
+                                 f"{tuple(idx.shape)}, the spec expects {tuple(e.shape)}")
+            index[e.name] = idx
+            ids[idx.reshape(-1)] = k
+            counts.append(idx.numel())
+        if bool((ids < 0).any()) or sum(counts) != offset:
+            raise ValueError("the spec's entries do not cover every parameter element exactly once")
+        self._index = index
+        positions = torch.cat([i.reshape(-1) for i in index.values()])
+        self._gather = torch.argsort(positions)  # flat position -> place in the concatenated entry outputs
         self._segments = Segments(ids, torch.tensor(counts, dtype=torch.float32), len(counts))
+        return self._segments
+
+    def bind(self, params: list[torch.Tensor]) -> Segments:
+        """:meth:`bind_layout` for parameters given in ``spec.sources`` order."""
+        if len(params) != len(self.spec.sources):
+            raise ValueError(f"the spec has {len(self.spec.sources)} parameter sources but {len(params)} "
+                             "parameters were given")
+        return self.bind_layout(self.spec.sources, [p.shape for p in params])
 
     def segments(self, params: list[torch.Tensor]) -> Segments:
         if self._segments is None:
             self.bind(params)
         return self._segments
 
+    # ------------------------------------------------------------------ f
     def forward(self, features: torch.Tensor, segments: Segments) -> torch.Tensor:
+        if self._gather is None:
+            raise RuntimeError("UNFFamily is not bound to a parameter layout: call bind() or bind_layout()")
         h = self.deepset.hidden(features, segments)  # (N, hidden)
-        entries = {}
-        for name, index in self._index.items():
-            index = index.to(h.device)
-            entries[name] = h[index].movedim(-1, 0).unsqueeze(0)  # (1, hidden, *entry shape)
+        entries = {name: h[index.to(h.device)].movedim(-1, 0).unsqueeze(0) for name, index in self._index.items()}
         out = self.head(entries)
-        # entries partition the parameters, so one scatter writes every element exactly once
-        positions = torch.cat([index.reshape(-1) for index in self._index.values()]).to(h.device)
-        values = torch.cat([out[name].reshape(-1) for name in self._index])
-        return torch.zeros(h.shape[0], dtype=h.dtype, device=h.device).index_put((positions,), values)
+        # entries partition the parameters: one gather puts every output element back at its flat position
+        flat = torch.cat([out[name].reshape(-1) for name in self._index])[self._gather.to(h.device)]
+        return self.deepset.out(h, segments).squeeze(-1) + flat
+
+    # ------------------------------------------------------------------ transfer
+    def transfer(self, spec: WeightSpaceSpec) -> UNFFamily:
+        """This family's weights on another spec (module docstring); ``.head.coverage`` says how many of the new
+        spec's terms found a trained coefficient."""
+        if self.config["tie"] != "role":
+            raise ValueError("only tie='role' weights transfer to another spec; these were trained with one "
+                             "coefficient per term of their own spec")
+        cfg = {k: v for k, v in self.config.items()}
+        new = UNFFamily(spec, **cfg).to(next(self.parameters()).device)
+        new.deepset.load_state_dict(self.deepset.state_dict())
+        new.head.load_role_state(self.head.role_state())
+        return new
 
 
 class UNFOptimizer(LearnedOptimizer):
@@ -89,9 +137,11 @@ class UNFOptimizer(LearnedOptimizer):
     Args:
         model: the model to train (its spec is derived with ``example_inputs``).
         example_inputs: inputs for one forward pass (as for :func:`unf.derive_spec`).
-        rule: a :class:`LearnedRule` whose ``f`` is a :class:`UNFFamily` for this spec; built fresh if omitted.
+        rule: a :class:`LearnedRule` whose ``f`` is a :class:`UNFFamily`; built fresh if omitted. If its spec
+            differs from the model's, its weights are transferred by role (:meth:`UNFFamily.transfer`).
         lr: multiplier on the learned step size.
         hidden, layers: DeepSet width and depth of a fresh rule.
+        spec: use this spec instead of deriving one.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, rule: LearnedRule | None = None, lr: float = 1.0,
@@ -110,6 +160,14 @@ class UNFOptimizer(LearnedOptimizer):
             rule = LearnedRule(UNFFamily(spec, hidden, layers))
         if not isinstance(rule.f, UNFFamily):
             raise TypeError("UNFOptimizer needs a rule whose f is a UNFFamily")
+        if rule.f.spec != spec:
+            f = rule.f.transfer(spec)
+            coverage = getattr(f.head, "coverage", 1.0)
+            if coverage < 1.0:
+                warnings.warn(f"learned-optimizer weights were trained on another weight space: {coverage:.0%} of "
+                              "this model's UNF terms have trained coefficients; the rest start at zero",
+                              stacklevel=2)
+            rule = rule.with_f(f)
         rule.f.bind(params)
         super().__init__(params, rule, lr=lr, segments_for=rule.f.segments)
         self.spec = spec

@@ -81,6 +81,78 @@ def test_unf_optimizer_trains_and_refuses_new_groups():
 def test_unf_family_counts_match_the_paper_shape():
     spec = unf.WeightSpaceSpec.from_axes({"W1": [("h", 32), ("in", 64)], "b1": [("h", 32)],
                                           "W2": [("out", 10), ("h", 32)], "b2": [("out", 10)]})
-    family = O.UNFFamily(spec)
+    family = O.UNFFamily(spec, tie="none")
     head = sum(p.numel() for p in family.head.parameters())
     assert head == 1028  # the UNF[1] read-out of the paper's MLP-task optimizer
+    role = O.UNFFamily(spec)  # role keys tie W1 <- W1 to W2 <- W2 etc. (all axes permuted here): fewer
+    assert family.head.num_terms == role.head.num_terms == 32
+    assert len(role.head.term_keys) < 32
+
+
+def _digits_mlp(sizes):
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    return nn.Sequential(*layers[:-1]), torch.randn(4, sizes[0])
+
+
+def test_unf_weights_save_load_and_transfer_by_role(tmp_path):
+    small, xs = _digits_mlp([16, 8, 3])
+    opt = O.UNFOptimizer(small, xs, hidden=4, layers=2)
+    randomize_rule(opt.rule)
+    path = tmp_path / "unf.safetensors"
+    O.save_rule(opt.rule, path, note="test")
+    back = O.load_rule(path)
+    assert isinstance(back.f, O.UNFFamily) and back.f.spec == opt.spec
+    for k, v in opt.rule.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+    # the same model: identical updates from the loaded weights
+    twin = copy.deepcopy(small)
+    opt_twin = O.load(str(path), twin, example_inputs=xs)
+    for m, o in ((small, opt), (twin, opt_twin)):
+        o.zero_grad()
+        m(xs).square().mean().backward()
+        o.step()
+    for a, b in zip(small.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # another model (deeper, wider): trained keys carried over, others zero, a warning says how many
+    big, xb = _digits_mlp([20, 12, 12, 5])
+    with pytest.warns(UserWarning, match="trained coefficients"):
+        opt_big = O.load(str(path), big, example_inputs=xb)
+    head = opt_big.rule.f.head
+    assert 0 < head.coverage < 1
+    src = opt.rule.f.head
+    for i, k in enumerate(head.term_keys):
+        want = src.coef[src.term_keys.index(k)] if k in src.term_keys else torch.zeros_like(head.coef[i])
+        assert torch.equal(head.coef[i], want)
+    assert torch.equal(opt_big.rule.beta, opt.rule.beta)
+    for _ in range(3):
+        opt_big.zero_grad()
+        big(xb).square().mean().backward()
+        opt_big.step()
+    assert all(torch.isfinite(p).all() for p in big.parameters())
+    with pytest.raises(ValueError, match="example_inputs"):
+        O.load(str(path), big)
+
+
+def test_unf_family_runs_under_vmap_over_meta_parameters():
+    from torch.func import functional_call, vmap
+
+    model, x = _digits_mlp([6, 5, 3])
+    opt = O.UNFOptimizer(model, x, hidden=4, layers=2)
+    rule = randomize_rule(opt.rule)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    w = torch.randn(n)
+    g = torch.randn(n)
+    state = O.init(n)
+    seg = rule.f.segments(params)
+    theta = {k: v.detach() for k, v in rule.named_parameters()}
+    noise = {k: 0.01 * torch.randn(3, *v.shape) for k, v in theta.items()}
+
+    def step(e):
+        return functional_call(rule, {k: theta[k] + e[k] for k in theta}, (w, g, state, seg))[0]
+
+    batched = vmap(step)(noise)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], step({k: v[i] for k, v in noise.items()}))

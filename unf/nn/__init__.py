@@ -15,10 +15,12 @@ from .layers import (
     UNFInvariant,
     UNFLinear,
 )
+from .roles import RoleUNFLinear
 
 __all__ = [
     "WeightFeatures",
     "UNFLinear",
+    "RoleUNFLinear",
     "UNF",
     "EntryNorm",
     "EntryActivation",

@@ -248,6 +248,14 @@ class UNFLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ forward
+    def mix_weights(self) -> Sequence[torch.Tensor]:
+        """The ``(sum rows, sum cols)`` weight of every mix, in plan order (subclasses may tie them)."""
+        return self.weights
+
+    def bias_vector(self) -> torch.Tensor | None:
+        """The learned constants of the constant-pattern mix (``None`` without bias)."""
+        return self.bias
+
     def forward(self, x: Features) -> Features:
         B = x[self.names[0]].shape[0]
         xs = []
@@ -273,14 +281,15 @@ class UNFLinear(nn.Module):
                 t = t.sum(mean_dims)
             red.append(t)
         contrib: list[torch.Tensor | None] = [None] * self._contrib_count
+        weights, bias = self.mix_weights(), self.bias_vector()
         for mi, (parts, nk, rows, outs, has_bias, scale_name) in enumerate(self._mixes):
             ts = [red[r] if p is None else red[r].permute(p) for r, p in parts]
             c = ts[0] if len(ts) == 1 else torch.cat(ts, 1)
-            w = self.weights[mi]
+            w = weights[mi]
             if scale_name is not None:
                 w = w * getattr(self, scale_name)
             if nk == 0:
-                m = torch.addmm(self.bias, c, w.t()) if has_bias else torch.mm(c, w.t())
+                m = torch.addmm(bias, c, w.t()) if has_bias else torch.mm(c, w.t())
             else:
                 # bmm on a stride-0 expanded weight: no transposed copies of the activations (matmul's 2-D @
                 # 3-D path folds the batch into rows and copies twice)
