@@ -8,6 +8,7 @@ special-cases one: per-element families (``"mlp"``, ``"deepset"``) pool over par
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from collections.abc import Mapping
 
@@ -19,12 +20,42 @@ from unf import UnknownOpWarning, derive_spec
 from .estimators import FlatProblem
 from .tasks import Task
 
-__all__ = ["build_rule"]
+__all__ = ["build_rule", "warm_start"]
 
 
 def build_rule(family: str, task: Task, params: Mapping[str, torch.Tensor], hidden: int = 32,
-               layers: int = 3) -> tuple[O.LearnedRule, FlatProblem]:
-    """A fresh rule of ``family`` for ``task`` and the :class:`FlatProblem` (flat layout of ``params``) it acts on."""
+               layers: int = 3, init_from: str | os.PathLike | None = None) -> tuple[O.LearnedRule, FlatProblem]:
+    """A fresh rule of ``family`` for ``task`` and the :class:`FlatProblem` (flat layout of ``params``) it acts on.
+
+    ``init_from``: a saved rule to start from (see :func:`warm_start`), e.g. a trained DeepSet rule for a UNF run.
+    """
+    rule, problem = _build(family, task, params, hidden, layers)
+    if init_from:
+        warm_start(rule, init_from)
+    return rule, problem
+
+
+@torch.no_grad()
+def warm_start(rule: O.LearnedRule, path: str | os.PathLike) -> None:
+    """Copy a saved rule's weights into ``rule``: the scalars always; ``f`` when the families match (a UNF rule of
+    another spec is transferred by role), or a DeepSet rule into a UNF rule's DeepSet layers and read-out (the UNF
+    read-out stays zero, so the warm-started rule starts out computing exactly the DeepSet rule's updates)."""
+    src = O.load_rule(path)
+    for name in ("raw_alpha", "beta", "raw_gamma0"):
+        getattr(rule, name).copy_(getattr(src, name))
+    if isinstance(rule.f, O.UNFFamily) and isinstance(src.f, O.UNFFamily):
+        rule.f.load_state_dict(src.f.transfer(rule.f.spec).state_dict() if src.f.spec != rule.f.spec
+                               else src.f.state_dict())
+    elif isinstance(rule.f, O.UNFFamily) and isinstance(src.f, O.DeepSet):
+        rule.f.deepset.load_state_dict(src.f.state_dict())
+    elif type(rule.f) is type(src.f):
+        rule.f.load_state_dict(src.f.state_dict())
+    else:
+        raise ValueError(f"cannot start a {type(rule.f).__name__} rule from the {type(src.f).__name__} rule in {path}")
+
+
+def _build(family: str, task: Task, params: Mapping[str, torch.Tensor], hidden: int,
+           layers: int) -> tuple[O.LearnedRule, FlatProblem]:
     if family in ("mlp", "deepset"):
         layers_kw = {"layers": layers if family == "deepset" else 2}
         rule = O.make_rule(family, hidden=hidden, **layers_kw)

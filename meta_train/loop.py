@@ -48,6 +48,7 @@ class MetaTrainConfig:
     clip: float = 1.0
     checkpoint_every: int = 10
     seed: int = 0
+    init_from: str = ""  # a saved rule (.safetensors) to start from, e.g. a trained DeepSet rule for a UNF run
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> MetaTrainConfig:
@@ -113,7 +114,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True) -> O.LearnedRule:
     gen = torch.Generator().manual_seed(cfg.seed)
     task = get_task(cfg.task)
     w0_params = task.init(gen)
-    rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden)
+    rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from)
     meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
     names = list(w0_params)
 
