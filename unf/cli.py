@@ -132,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--run-dir", default=None, help="override the config's run_dir")
     mt.add_argument("--no-progress", action="store_true")
     mt.set_defaults(func=cmd_meta_train)
+
+    from meta_train import compare as _compare
+
+    cmp = sub.add_parser("compare", help="learned optimizers vs LR-tuned Adam and SGDM: several seeds, table + plot")
+    _compare.add_arguments(cmp)
+    cmp.set_defaults(func=_compare.run)
     return parser
 
 
