@@ -186,7 +186,7 @@ class CompareResult:
             for t in self.steps:
                 r = next(r for r in self.rows if r["optimizer"] == n and r["T"] == t)
                 lr = f" (lr {r['lr']:g})" if r["lr"] is not None else ""
-                cells.append(f"{r['mean']:.4f} ± {r['se']:.4f}{lr}")
+                cells.append(f"{r['mean']:.3g} ± {r['se']:.2g}{lr}")
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         return "\n".join(lines)
 

@@ -28,7 +28,8 @@ from meta_train.tasks import (
 )
 from tests.test_meta_data import write_cifar10, write_fashion_mnist
 
-OFFLINE_TASKS = ["mlp-digits", "mlp-mnist1d", "mlp-digits-w128", "mlp-digits-tanh", "mlp-digits-deep",
+OFFLINE_TASKS = ["mlp-digits", "mlp-mnist1d", "mlp-mnist1d-w128", "mlp-mnist1d-tanh", "mlp-mnist1d-deep",
+                 "mlp-digits-w128", "mlp-digits-tanh", "mlp-digits-deep",
                  "cnn-digits", "cnn-digits16", "rnn-shakespeare", "transformer-shakespeare"]
 # plain-SGD learning rates under which each task's loss falls clearly within 50 steps
 SGD_LR = {"mlp": 0.1, "cnn": 0.5, "rnn": 0.05, "transformer": 0.5}
