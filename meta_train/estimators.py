@@ -2,7 +2,8 @@
 
 All three share one pure inner loop, :func:`unroll`: ``K`` steps of the learned rule on a flat parameter vector,
 with the meta-parameters ``theta`` (a dict of tensors, a subset of the rule's parameters is fine) substituted by
-``torch.func.functional_call``. The meta-loss of a truncation is the mean inner training loss over its steps.
+``torch.func.functional_call``. The meta-loss of a truncation is a reduction of its per-step inner training losses,
+:func:`reduce_losses`: their mean (the default), the last one, or the mean of their logs.
 
 - :func:`bptt` differentiates through the unroll (second order: gradients of inner gradients).
 - :func:`es` perturbs ``theta`` antithetically with ``N(0, sigma^2)`` noise for every particle and weights the loss
@@ -10,6 +11,10 @@ with the meta-parameters ``theta`` (a dict of tensors, a subset of the rule's pa
 - :class:`PES` keeps, for every particle, its own + and - inner runs across truncations and the *sum* of all
   perturbations used since that run started; weighting by that sum makes the sum of truncation estimates unbiased
   for the whole unroll (reset it when an inner run restarts).
+
+ES and PES can run a *slice* of a population: pass that slice's ``noise`` (drawn for the whole population with
+:func:`draw_noise`) and the whole ``population`` size, and the estimates and losses of the slices sum to the whole
+population's (the distributed loop all-reduces them, :mod:`meta_train.distributed`).
 """
 
 from __future__ import annotations
@@ -23,9 +28,27 @@ from torch.func import functional_call, grad_and_value, vmap
 from optimizers.features import Segments
 from optimizers.rule import LearnedRule, RuleState
 
-__all__ = ["FlatProblem", "unroll", "bptt", "es", "PES"]
+__all__ = ["FlatProblem", "unroll", "bptt", "es", "PES", "META_LOSSES", "reduce_losses", "draw_noise"]
 
 Theta = dict[str, torch.Tensor]
+
+#: the meta-loss reductions :func:`reduce_losses` knows
+META_LOSSES = ("mean", "final", "log_mean")
+
+
+def reduce_losses(losses: torch.Tensor, meta_loss: str = "mean") -> torch.Tensor:
+    """The meta-loss of one truncation from its per-step inner losses ``(K,)`` (or ``(..., K)``: the last axis).
+
+    ``"mean"``: the mean training loss over the truncation; ``"final"``: the loss at its last step; ``"log_mean"``:
+    the mean of the log losses (the losses must be positive; it weighs late, small losses as much as early ones).
+    """
+    if meta_loss == "mean":
+        return losses.mean(-1)
+    if meta_loss == "final":
+        return losses[..., -1]
+    if meta_loss == "log_mean":
+        return losses.log().mean(-1)
+    raise ValueError(f"meta_loss must be one of {', '.join(META_LOSSES)}; got {meta_loss!r}")
 
 
 @dataclass(frozen=True)
@@ -66,42 +89,92 @@ def unroll(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tenso
 
 
 def bptt(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor, momenta: torch.Tensor,
-         step: torch.Tensor, batches: list) -> tuple[Theta, torch.Tensor, tuple]:
-    """Truncated backprop through ``len(batches)`` steps. Returns ``(grads, meta_loss, (w, momenta, step))``."""
+         step: torch.Tensor, batches: list, meta_loss: str = "mean") -> tuple[Theta, torch.Tensor, tuple]:
+    """Truncated backprop through ``len(batches)`` steps. Returns ``(grads, meta_loss, (w, momenta, step))``.
 
-    def meta_loss(th: Theta):
+    ``meta_loss`` picks the truncation's objective (:func:`reduce_losses`)."""
+    _check_meta_loss(meta_loss)
+
+    def objective(th: Theta):
         w2, m2, s2, losses = unroll(rule, th, problem, w, momenta, step, batches)
-        return losses.mean(), (w2, m2, s2)
+        return reduce_losses(losses, meta_loss), (w2, m2, s2)
 
-    grads, (loss, state) = grad_and_value(meta_loss, has_aux=True)(theta)
+    grads, (loss, state) = grad_and_value(objective, has_aux=True)(theta)
     # parameters of the rule outside ``theta`` are constants here: return plain tensors
     return {k: v.detach() for k, v in grads.items()}, loss.detach(), tuple(t.detach() for t in state)
 
 
-def _noise(theta: Theta, particles: int, sigma: float, generator: torch.Generator | None) -> Theta:
-    return {k: torch.randn((particles, *v.shape), generator=generator, dtype=v.dtype, device=v.device) * sigma
+def _check_meta_loss(meta_loss: str) -> None:
+    if meta_loss not in META_LOSSES:
+        raise ValueError(f"meta_loss must be one of {', '.join(META_LOSSES)}; got {meta_loss!r}")
+
+
+def draw_noise(theta: Theta, particles: int, sigma: float, generator: torch.Generator | None = None) -> Theta:
+    """``N(0, sigma^2)`` perturbations ``{name: (particles, *shape)}`` of ``theta``, drawn only from ``generator``.
+
+    The draw happens on the generator's device and is then moved to each tensor's, so a CPU generator gives the
+    same random stream whatever device the meta-parameters live on."""
+    device = generator.device if generator is not None else None
+    return {k: (torch.randn((particles, *v.shape), generator=generator, dtype=v.dtype,
+                            device=device if device is not None else v.device) * sigma).to(v.device)
             for k, v in theta.items()}
 
 
-def _weighted(noise: Theta, diffs: torch.Tensor, sigma: float) -> Theta:
-    """sum_i diffs_i * noise_i / (2 sigma^2 P): the antithetic estimator."""
-    scale = diffs.detach() / (2 * sigma**2 * diffs.shape[0])
+_noise = draw_noise  # the old private name
+
+
+def _weighted(noise: Theta, diffs: torch.Tensor, sigma: float, population: int | None = None) -> Theta:
+    """sum_i diffs_i * noise_i / (2 sigma^2 P): the antithetic estimator (P = ``population``, default all of diffs)."""
+    scale = diffs.detach() / (2 * sigma**2 * (diffs.shape[0] if population is None else population))
     return {k: torch.einsum("p,p...->...", scale.to(v.dtype), v) for k, v in noise.items()}
+
+
+def _slice_noise(noise: Theta | None, theta: Theta, particles: int, sigma: float,
+                 generator: torch.Generator | None) -> Theta:
+    if noise is None:
+        return draw_noise(theta, particles, sigma, generator)
+    if set(noise) != set(theta):
+        raise ValueError(f"noise must have exactly theta's keys {sorted(theta)}; got {sorted(noise)}")
+    sizes = {int(v.shape[0]) for v in noise.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"every noise tensor needs the same number of particles (leading axis); got {sorted(sizes)}")
+    for k, v in noise.items():
+        if tuple(v.shape[1:]) != tuple(theta[k].shape):
+            raise ValueError(f"noise[{k!r}] has shape {tuple(v.shape)}; expected (particles, "
+                             f"{', '.join(map(str, theta[k].shape))})")
+    return noise
+
+
+def _mean_loss(losses: torch.Tensor, population: int | None) -> torch.Tensor:
+    return losses.mean() if population is None else losses.sum() / population
 
 
 def es(rule: LearnedRule, theta: Theta, problem: FlatProblem, w: torch.Tensor, momenta: torch.Tensor,
        step: torch.Tensor, batches: list, particles: int = 64, sigma: float = 0.01,
-       generator: torch.Generator | None = None) -> tuple[Theta, torch.Tensor]:
-    """Antithetic ES gradient of the truncation's meta-loss from one shared inner state. Returns ``(grads, loss)``."""
-    eps = _noise(theta, particles, sigma, generator)
+       generator: torch.Generator | None = None, *, noise: Theta | None = None, population: int | None = None,
+       meta_loss: str = "mean") -> tuple[Theta, torch.Tensor]:
+    """Antithetic ES gradient of the truncation's meta-loss from one shared inner state. Returns ``(grads, loss)``.
+
+    Args:
+        particles, sigma, generator: the population's size and noise scale, and where its noise is drawn from.
+        noise: use these perturbations ``{name: (n, *shape)}`` instead of drawing ``particles`` of them (a slice of
+            a population drawn with :func:`draw_noise`; ``particles`` is then ignored).
+        population: divide the estimate and the loss by this rather than by the number of particles run, so that
+            the results of a population's slices sum to the whole population's.
+        meta_loss: the truncation's objective (:func:`reduce_losses`).
+    """
+    _check_meta_loss(meta_loss)
+    eps = _slice_noise(noise, theta, particles, sigma, generator)
 
     def loss_at(e: Theta, sign: float) -> torch.Tensor:
         th = {k: theta[k] + sign * e[k] for k in theta}
-        return unroll(rule, th, problem, w, momenta, step, batches)[3].mean()
+        return reduce_losses(unroll(rule, th, problem, w, momenta, step, batches)[3], meta_loss)
 
     plus = vmap(lambda e: loss_at(e, 1.0))(eps)
     minus = vmap(lambda e: loss_at(e, -1.0))(eps)
-    return _weighted(eps, plus - minus, sigma), (plus + minus).mean().detach() / 2
+    total = (plus + minus).detach()
+    loss = total.mean() / 2 if population is None else total.sum() / (2 * population)
+    return _weighted(eps, plus - minus, sigma, population), loss
 
 
 class PES:
@@ -112,8 +185,11 @@ class PES:
     particles) when their inner runs restart from a fresh initialisation.
     """
 
-    def __init__(self, rule: LearnedRule, problem: FlatProblem, particles: int = 16, sigma: float = 0.01):
+    def __init__(self, rule: LearnedRule, problem: FlatProblem, particles: int = 16, sigma: float = 0.01,
+                 meta_loss: str = "mean"):
+        _check_meta_loss(meta_loss)
         self.rule, self.problem, self.particles, self.sigma = rule, problem, particles, sigma
+        self.meta_loss = meta_loss
         self.w = self.momenta = self.step_count = None
         self.xi: Theta = {}
 
@@ -134,17 +210,31 @@ class PES:
         self.step_count = torch.where(sel, fresh_s, self.step_count)
         self.xi = {k: torch.where(which.view(p, *[1] * v.dim()), fresh_xi[k], self.xi[k]) for k, v in theta.items()}
 
-    def step(self, theta: Theta, batches: list, generator: torch.Generator | None = None
-             ) -> tuple[Theta, torch.Tensor]:
-        """One truncation: advance every particle's + and - runs; returns ``(grads, mean meta-loss)``."""
+    def step(self, theta: Theta, batches: list, generator: torch.Generator | None = None, *,
+             noise: Theta | None = None, population: int | None = None) -> tuple[Theta, torch.Tensor]:
+        """One truncation: advance every particle's + and - runs; returns ``(grads, mean meta-loss)``.
+
+        Args:
+            theta: the current meta-parameters.
+            batches: this truncation's inner batches, one per inner step.
+            generator: where this step's noise is drawn from (``particles`` perturbations), unless ``noise`` is given.
+            noise: this step's perturbations ``{name: (particles, *shape)}``, e.g. this process's slice of a larger
+                population's noise drawn with :func:`draw_noise`.
+            population: divide the estimate and the loss by this rather than ``particles`` (the whole population's
+                size when this object runs a slice of it), so that the slices' results sum to the population's.
+        """
         if self.w is None:
             raise RuntimeError("call reset(w0, momenta0, theta) before the first PES step")
-        eps = _noise(theta, self.particles, self.sigma, generator)
+        eps = _slice_noise(noise, theta, self.particles, self.sigma, generator)
+        n = next(iter(eps.values())).shape[0] if eps else self.particles
+        if n != self.particles:
+            raise ValueError(f"noise has {n} particles but this PES runs {self.particles}")
+        meta_loss = self.meta_loss
 
         def run(e: Theta, w: torch.Tensor, m: torch.Tensor, s: torch.Tensor, sign: float):
             th = {k: theta[k] + sign * e[k] for k in theta}
             w2, m2, s2, losses = unroll(self.rule, th, self.problem, w, m, s, batches)
-            return w2, m2, s2, losses.mean()
+            return w2, m2, s2, reduce_losses(losses, meta_loss)
 
         outs = [vmap(lambda e, w, m, s, sign=sign: run(e, w, m, s, sign))(eps, self.w[i], self.momenta[i],
                                                                            self.step_count[i])
@@ -154,4 +244,5 @@ class PES:
         self.step_count = torch.stack([o[2] for o in outs]).detach()
         self.xi = {k: self.xi[k] + eps[k] for k in theta}
         diffs = outs[0][3] - outs[1][3]
-        return _weighted(self.xi, diffs, self.sigma), ((outs[0][3] + outs[1][3]) / 2).mean().detach()
+        loss = _mean_loss((outs[0][3] + outs[1][3]) / 2, population).detach()
+        return _weighted(self.xi, diffs, self.sigma, population), loss
