@@ -1,12 +1,20 @@
-"""The meta-training loop, top to bottom: PES (or ES / BPTT) meta-gradients, Adam with clipping, atomic
-checkpoints and exact resume.
+"""The meta-training loop, top to bottom: PES (or ES / BPTT) meta-gradients, Adam with clipping, periodic held-out
+evaluation, atomic checkpoints and exact resume.
 
-    python -m meta_train.loop --run-dir runs/demo --task mlp-digits --meta-steps 200
+    python -m meta_train --run-dir runs/demo --task mlp-digits --meta-steps 200 --eval-every 20
+    python -m meta_train --config examples/configs/mlp_digits_pes.toml
+    torchrun --nproc_per_node 2 -m meta_train --config ...      # the population split over 2 processes
 
-Every source of randomness is one ``torch.Generator`` whose state is checkpointed, so a run killed at any moment
-and resumed from its last checkpoint ends with exactly the meta-parameters of an uninterrupted run. Checkpoints are
-written to a temporary file and renamed into place, so a kill never leaves a half-written one. ``metrics.csv`` is
-rewritten up to the checkpointed step on resume, so it never holds rows from the lost tail.
+Every source of randomness of the run is one ``torch.Generator`` whose state is checkpointed, so a run killed at any
+moment and resumed from its last checkpoint ends with exactly the meta-parameters of an uninterrupted run.
+Evaluation draws only from generators of its own (seeded from ``seed``, the eval task and the eval seed), so runs
+with and without it reach the same meta-parameters. Checkpoints are written to a temporary file and renamed into
+place, so a kill never leaves a half-written one.
+
+Logs in ``run_dir``: ``metrics.csv`` (``meta_step, meta_loss, grad_norm``) and, with ``eval_every > 0``,
+``eval.csv`` (``meta_step, task, train_loss, test_loss``); both are rewritten up to the checkpointed step on
+resume, so they never hold rows from a lost tail. With ``tensorboard`` installed the same scalars also go to
+``run_dir/tb/`` (the CSVs stay the source of truth). ``unf plot RUN_DIR`` draws them.
 """
 
 from __future__ import annotations
@@ -14,9 +22,14 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
+import math
 import os
+import sys
 import tempfile
-from dataclasses import dataclass
+import typing
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,33 +39,131 @@ from tqdm import tqdm
 import optimizers as O
 
 from .build import build_rule
-from .estimators import PES, bptt, es
-from .tasks import get_task
+from .distributed import DistInfo, all_gather_cat, all_reduce_sum, particle_slice
+from .distributed import current as _dist_current
+from .estimators import META_LOSSES, PES, bptt, draw_noise, es, unroll
+from .tasks import ClassificationTask, Task, get_task, list_tasks
 
-__all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atomic"]
+__all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atomic", "add_config_arguments",
+           "config_from_args", "METRICS_FIELDS", "EVAL_FIELDS"]
+
+ESTIMATORS = ("pes", "es", "bptt")
+METRICS_FIELDS = ("meta_step", "meta_loss", "grad_norm")
+EVAL_FIELDS = ("meta_step", "task", "train_loss", "test_loss")
 
 
 @dataclass
 class MetaTrainConfig:
+    """Everything that defines a meta-training run (a resumed run must have the same config).
+
+    Attributes:
+        run_dir: where checkpoints, logs and the trained rule go.
+        task: registered meta-training task (``meta_train.tasks.list_tasks()``).
+        family: optimizer family, ``"mlp"``, ``"deepset"`` (or ``"unf"``), see :func:`meta_train.build.build_rule`.
+        hidden: hidden width of the rule's network.
+        estimator: meta-gradient estimator, ``"pes"``, ``"es"`` or ``"bptt"``.
+        particles: population size of PES / ES (antithetic pairs).
+        sigma: standard deviation of the meta-parameter perturbations.
+        truncation: inner steps per meta-step.
+        horizon: inner steps before the inner runs restart from a fresh initialisation.
+        meta_steps: meta-steps of the whole run.
+        meta_lr: Adam's learning rate on the meta-parameters.
+        clip: meta-gradient norm clipping.
+        checkpoint_every: meta-steps between checkpoints (and CSV rewrites).
+        seed: seeds the rule's initialisation and the run's one generator.
+        meta_loss: objective of a truncation from its per-step training losses: ``"mean"``, ``"final"`` (the last
+            step's) or ``"log_mean"`` (mean of log losses); see :func:`meta_train.estimators.reduce_losses`.
+        eval_every: meta-steps between held-out evaluations (also at step 0 and at the end); 0 turns them off.
+        eval_tasks: registered tasks to evaluate the current rule on.
+        eval_steps: inner steps of each evaluation run (from a fresh initialisation).
+        eval_seeds: evaluation runs per task (their losses are averaged).
+        device: ``"cpu"`` or ``"cuda"`` (under ``torchrun``, each process takes ``cuda:LOCAL_RANK``).
+    """
+
     run_dir: str
     task: str = "mlp-digits"
-    family: str = "deepset"  # "mlp" or "deepset"
+    family: str = "deepset"
     hidden: int = 8
-    estimator: str = "pes"  # "pes", "es" or "bptt"
+    estimator: str = "pes"
     particles: int = 8
     sigma: float = 0.01
-    truncation: int = 10  # inner steps per meta-step
-    horizon: int = 100  # inner steps before the inner runs restart
+    truncation: int = 10
+    horizon: int = 100
     meta_steps: int = 100
     meta_lr: float = 1e-3
     clip: float = 1.0
     checkpoint_every: int = 10
     seed: int = 0
-    init_from: str = ""  # a saved rule (.safetensors) to start from, e.g. a trained DeepSet rule for a UNF run
+    meta_loss: str = "mean"
+    eval_every: int = 0
+    eval_tasks: list[str] = field(default_factory=lambda: ["mlp-digits-tanh"])
+    eval_steps: int = 200
+    eval_seeds: int = 2
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _check_type(f.name, getattr(self, f.name), hints[f.name]))
+        _check_values(self)
+
+
+_POSITIVE = ("hidden", "particles", "truncation", "horizon", "meta_steps", "checkpoint_every", "eval_steps",
+             "eval_seeds", "sigma", "meta_lr", "clip")
+
+
+def _type_name(hint: Any) -> str:
+    return "list of str" if typing.get_origin(hint) is list else hint.__name__
+
+
+def _check_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as field ``name`` of type ``hint`` takes it (ints become floats for float fields), else ValueError."""
+    bad = ValueError(f"field {name!r} must be {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    if typing.get_origin(hint) is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise bad
+        return list(value)
+    if isinstance(value, bool) and hint is not bool:
+        raise bad
+    if hint is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, hint):
+        raise bad
+    return value
+
+
+def _check_values(cfg: MetaTrainConfig) -> None:
+    def bad(name: str, why: str) -> ValueError:
+        return ValueError(f"field {name!r} {why}; got {getattr(cfg, name)!r}")
+
+    for name in _POSITIVE:
+        value = getattr(cfg, name)
+        if not (value > 0 and math.isfinite(value)):
+            raise bad(name, "must be positive")
+    if cfg.eval_every < 0:
+        raise bad("eval_every", "must be >= 0 (0 turns evaluation off)")
+    if cfg.estimator not in ESTIMATORS:
+        raise bad("estimator", f"must be one of {', '.join(ESTIMATORS)}")
+    if cfg.meta_loss not in META_LOSSES:
+        raise bad("meta_loss", f"must be one of {', '.join(META_LOSSES)}")
+    if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise bad("device", "must be 'cpu' or 'cuda' (or 'cuda:N')")
+    known = list_tasks()
+    if cfg.task not in known:
+        raise bad("task", f"must be a registered task ({', '.join(known)})")
+    for name in cfg.eval_tasks:
+        if name not in known:
+            raise ValueError(f"field 'eval_tasks': unknown task {name!r}; registered: {', '.join(known)}")
+    if cfg.eval_every and not cfg.eval_tasks:
+        raise bad("eval_tasks", "must name at least one task when eval_every > 0")
 
 
 def load_config(path: str | os.PathLike, **overrides: Any) -> MetaTrainConfig:
-    """Read a TOML config (a flat table of :class:`MetaTrainConfig` fields); errors name the offending field."""
+    """Read a TOML config (a flat table of :class:`MetaTrainConfig` fields); errors name the offending field.
+
+    ``overrides`` (field name -> value, ``None`` meaning "not given") take precedence over the file."""
     import tomllib
 
     path = Path(path)
@@ -63,20 +174,45 @@ def load_config(path: str | os.PathLike, **overrides: Any) -> MetaTrainConfig:
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"{path} is not valid TOML: {e}") from e
     data.update({k: v for k, v in overrides.items() if v is not None})
-    fields = {f.name: f for f in dataclasses.fields(MetaTrainConfig)}
-    for key, value in data.items():
+    fields = [f.name for f in dataclasses.fields(MetaTrainConfig)]
+    for key in data:
         if key not in fields:
             raise ValueError(f"{path}: unknown field {key!r}; valid fields: {', '.join(fields)}")
-        default = fields[key].default
-        expected = type(default) if default is not dataclasses.MISSING else str
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = data[key] = float(value)
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(f"{path}: field {key!r} must be {expected.__name__}, got {type(value).__name__} "
-                             f"{value!r}")
     if "run_dir" not in data:
         raise ValueError(f"{path}: missing required field 'run_dir'")
-    return MetaTrainConfig(**data)
+    try:
+        return MetaTrainConfig(**data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add ``--config FILE.toml`` and one ``--field-name`` flag per :class:`MetaTrainConfig` field to ``parser``.
+
+    Flags default to ``None`` ("not given"), so :func:`config_from_args` can tell them from the file's values."""
+    parser.add_argument("--config", metavar="FILE.toml", default=None,
+                        help="TOML file of config fields (flags given as well override it)")
+    hints = typing.get_type_hints(MetaTrainConfig)
+    for f in dataclasses.fields(MetaTrainConfig):
+        flag, hint = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        helptext = "required unless --config gives it" if default is dataclasses.MISSING else f"default {default!r}"
+        if typing.get_origin(hint) is list:
+            parser.add_argument(flag, nargs="+", default=None, metavar="NAME", help=helptext)
+        else:
+            parser.add_argument(flag, type=hint, default=None, help=helptext)
+    return parser
+
+
+def config_from_args(args: dict[str, Any]) -> MetaTrainConfig:
+    """The config from parsed :func:`add_config_arguments` flags (a ``vars(namespace)``; other keys are ignored)."""
+    names = [f.name for f in dataclasses.fields(MetaTrainConfig)]
+    given = {k: args.get(k) for k in names if args.get(k) is not None}
+    if args.get("config"):
+        return load_config(args["config"], **given)
+    if "run_dir" not in given:
+        raise ValueError("--run-dir is required (or --config FILE.toml with a run_dir)")
+    return MetaTrainConfig(**given)
 
 
 def save_checkpoint_atomic(obj: Any, path: Path) -> None:
@@ -93,114 +229,273 @@ def save_checkpoint_atomic(obj: Any, path: Path) -> None:
             os.remove(tmp)
 
 
-def _write_metrics(path: Path, rows: list[dict]) -> None:
+def _write_csv(path: Path, rows: list[dict], fieldnames: typing.Sequence[str]) -> None:
+    """Rewrite ``path`` with ``rows`` atomically (temporary file, then rename)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["meta_step", "meta_loss", "grad_norm"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(fieldnames))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def meta_train(cfg: MetaTrainConfig, progress: bool = True) -> O.LearnedRule:
+_TB_NOTICE_SHOWN = False
+
+
+def _open_tensorboard(run_dir: Path, purge_step: int | None) -> Any:
+    """A ``SummaryWriter`` on ``run_dir/tb`` (dropping events from ``purge_step`` on), or None without tensorboard."""
+    global _TB_NOTICE_SHOWN
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if not _TB_NOTICE_SHOWN:
+            print("meta_train: tensorboard is not installed; logging to CSV only", file=sys.stderr)
+            _TB_NOTICE_SHOWN = True
+        return None
+    return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
+
+
+def _eval_seed(seed: int, task: str, index: int) -> int:
+    digest = hashlib.sha256(f"meta_train.eval:{seed}:{task}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([p.reshape(-1) for p in params.values()])
+
+
+class _Evaluator:
+    """Runs the current rule (no noise) from fresh initialisations on held-out tasks; draws from its own generators.
+
+    The initialisations and batches of each (task, eval seed) are drawn once, so every evaluation of a run sees the
+    same problems and successive rows compare rules, not luck."""
+
+    HELD_OUT_BATCHES = 8  # for tasks without a whole test split (language models)
+
+    def __init__(self, cfg: MetaTrainConfig, rule: O.LearnedRule, device: torch.device) -> None:
+        self.rule, self.entries = rule, []
+        with torch.random.fork_rng(devices=[]):  # building rules must not move the run's global RNG
+            for name in cfg.eval_tasks:
+                task = _get_task(name, device)
+                eval_rule, problem = build_rule(cfg.family, task, task.init(torch.Generator().manual_seed(0)),
+                                                hidden=cfg.hidden)
+                eval_rule = eval_rule.to(device)
+                try:
+                    eval_rule.load_state_dict(rule.state_dict())
+                except RuntimeError as e:
+                    warnings.warn(f"eval task {name!r} skipped: the {cfg.family!r} rule trained on {cfg.task!r} "
+                                  f"does not fit it ({str(e).splitlines()[0]})", stacklevel=3)
+                    continue
+                runs = []
+                for index in range(cfg.eval_seeds):
+                    g = torch.Generator().manual_seed(_eval_seed(cfg.seed, name, index))
+                    w0 = _flatten(task.init(g))
+                    batches = [task.sample_batch(g) for _ in range(cfg.eval_steps)]
+                    held_out = ([task.data.arrays("test")] if isinstance(task, ClassificationTask)
+                                else [task.sample_batch(g, split="valid") for _ in range(self.HELD_OUT_BATCHES)])
+                    runs.append((w0, batches, held_out))
+                self.entries.append((name, eval_rule, problem, runs))
+
+    @torch.no_grad()
+    def __call__(self, meta_step: int) -> list[dict]:
+        rows = []
+        for name, eval_rule, problem, runs in self.entries:
+            eval_rule.load_state_dict(self.rule.state_dict())
+            theta = {k: v.detach() for k, v in eval_rule.named_parameters()}
+            train, test = [], []
+            for w0, batches, held_out in runs:
+                momenta = torch.zeros(O.rule.N_MOMENTA, w0.numel(), dtype=w0.dtype, device=w0.device)
+                w, _, _, losses = unroll(eval_rule, theta, problem, w0, momenta,
+                                         torch.zeros((), dtype=w0.dtype, device=w0.device), batches)
+                tail = max(1, len(batches) // 10)
+                train.append(float(losses[-tail:].mean()))
+                test.append(sum(float(problem.loss(w, b)) for b in held_out) / len(held_out))
+            rows.append({"meta_step": meta_step, "task": name, "train_loss": sum(train) / len(train),
+                         "test_loss": sum(test) / len(test)})
+        return rows
+
+
+def _get_task(name: str, device: torch.device) -> Task:
+    return get_task(name) if device.type == "cpu" else get_task(name, device=device)
+
+
+def _resolve_device(device: str, info: DistInfo) -> torch.device:
+    if device == "cuda" and info.distributed:
+        return torch.device("cuda", info.local_rank)
+    return torch.device(device)
+
+
+def _check_resumable(saved: dict, cfg: MetaTrainConfig, path: Path) -> None:
+    defaults = {f.name: (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(MetaTrainConfig)}
+    saved = {**defaults, **saved}  # checkpoints from before a field existed hold its default
+    now = dataclasses.asdict(cfg)
+    diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k]]
+    if diff:
+        raise ValueError(f"{path} was written with a different config ({'; '.join(diff)}); use a new --run-dir")
+
+
+def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | None = None) -> O.LearnedRule:
+    """Meta-train a learned rule as ``cfg`` says, resuming from ``cfg.run_dir/checkpoint.pt`` if there is one.
+
+    Under an initialised ``torch.distributed`` process group the population is split across the processes (see
+    :mod:`meta_train.distributed`); only rank 0 writes files.
+
+    Args:
+        cfg: the run.
+        progress: show a progress bar (rank 0 only).
+        stop_after: checkpoint and return at this meta-step (resume later with the same config); the rule is saved
+            to ``rule.safetensors`` only when the run reaches ``cfg.meta_steps``.
+
+    Returns:
+        The trained rule (on ``cfg.device``).
+    """
+    info = _dist_current()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / "checkpoint.pt"
-    if cfg.estimator not in ("pes", "es", "bptt"):
-        raise ValueError(f"estimator must be pes, es or bptt, got {cfg.estimator!r}")
+    if cfg.estimator == "bptt" and info.distributed:
+        raise ValueError("field 'estimator': bptt has no population to split across processes; run it in one "
+                         "process or use pes / es")
+    mine = particle_slice(cfg.particles, info)
+    population = cfg.particles if info.distributed else None
+    device = _resolve_device(cfg.device, info)
+    stop = cfg.meta_steps if stop_after is None else max(0, min(cfg.meta_steps, stop_after))
 
     # ---- everything that defines the run
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    task = get_task(cfg.task)
+    task = _get_task(cfg.task, device)
     w0_params = task.init(gen)
-    rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from)
+    try:
+        rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden)
+    except KeyError as e:
+        raise ValueError(f"field 'family': {e.args[0]}") from e
+    rule = rule.to(device)
     meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
     names = list(w0_params)
+    evaluate = _Evaluator(cfg, rule, device) if cfg.eval_every and info.is_main else None
 
     def fresh_inner() -> tuple[torch.Tensor, torch.Tensor]:
         params = task.init(gen)
         w = torch.cat([params[n].reshape(-1) for n in names])
-        return w, torch.zeros(O.rule.N_MOMENTA, w.numel())
+        return w, torch.zeros(O.rule.N_MOMENTA, w.numel(), device=w.device)
 
     def theta() -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in rule.named_parameters()}
 
-    pes = PES(rule, problem, particles=cfg.particles, sigma=cfg.sigma)
+    pes = PES(rule, problem, particles=mine.stop - mine.start, sigma=cfg.sigma, meta_loss=cfg.meta_loss)
     w, m = fresh_inner()
-    s = torch.zeros(())
+    s = torch.zeros((), device=device)
     pes.reset(w, m, theta())
-    start, rows = 0, []
+    start, rows, eval_rows = 0, [], []
 
     # ---- resume
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        if ck["config"] != dataclasses.asdict(cfg):
-            raise ValueError(f"{ckpt_path} was written with a different config; use a new --run-dir")
+        ck = torch.load(ckpt_path, weights_only=False, map_location=device)
+        _check_resumable(ck["config"], cfg, ckpt_path)
         rule.load_state_dict(ck["rule"])
         meta_opt.load_state_dict(ck["meta_opt"])
-        gen.set_state(ck["generator"])
-        pes.w, pes.momenta, pes.step_count, pes.xi = ck["pes"]
+        gen.set_state(ck["generator"].cpu())
+        pw, pm, ps, pxi = ck["pes"]  # every particle's state: take this process's slice
+        pes.w, pes.momenta, pes.step_count = (t[:, mine].clone() for t in (pw, pm, ps))
+        pes.xi = {k: v[mine].clone() for k, v in pxi.items()}
         w, m, s = ck["inner"]
-        start, rows = ck["meta_step"], ck["metrics"]
-    _write_metrics(run_dir / "metrics.csv", rows)
+        start, rows, eval_rows = ck["meta_step"], ck["metrics"], ck.get("eval", [])
 
-    bar = tqdm(range(start, cfg.meta_steps), initial=start, total=cfg.meta_steps, disable=not progress,
-               desc=f"meta-train {cfg.task}")
-    for step in bar:
-        batches = [task.sample_batch(gen) for _ in range(cfg.truncation)]
-        th = theta()
-        if cfg.estimator == "pes":
-            grads, loss = pes.step(th, batches, gen)
-            if int(pes.step_count[0, 0]) >= cfg.horizon:  # all particles restart together
-                w, m = fresh_inner()
-                pes.reset(w, m, th)
-        elif cfg.estimator == "es":
-            grads, loss = es(rule, th, problem, w, m, s, batches, cfg.particles, cfg.sigma, gen)
-            w, m, s = _advance(rule, th, problem, w, m, s, batches)
-        else:
-            grads, loss, (w, m, s) = bptt(rule, th, problem, w, m, s, batches)
-        if cfg.estimator != "pes" and int(s) >= cfg.horizon:
-            (w, m), s = fresh_inner(), torch.zeros(())
-        for k, p in rule.named_parameters():
-            p.grad = grads[k].to(p.dtype).clone()
-        norm = torch.nn.utils.clip_grad_norm_(rule.parameters(), cfg.clip)
-        meta_opt.step()
-        meta_opt.zero_grad(set_to_none=True)
-        rows.append({"meta_step": step + 1, "meta_loss": float(loss), "grad_norm": float(norm)})
-        bar.set_postfix(meta_loss=f"{float(loss):.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.meta_steps:
-            save_checkpoint_atomic({"config": dataclasses.asdict(cfg), "meta_step": step + 1,
-                                    "rule": rule.state_dict(), "meta_opt": meta_opt.state_dict(),
-                                    "generator": gen.get_state(), "pes": (pes.w, pes.momenta, pes.step_count, pes.xi),
-                                    "inner": (w, m, s), "metrics": rows}, ckpt_path)
-            _write_metrics(run_dir / "metrics.csv", rows)
-    O.save_rule(rule, run_dir / "rule.safetensors", task=cfg.task, estimator=cfg.estimator,
-                meta_steps=cfg.meta_steps)
+    tb = None
+    if info.is_main:
+        _write_csv(run_dir / "metrics.csv", rows, METRICS_FIELDS)
+        if cfg.eval_every:
+            _write_csv(run_dir / "eval.csv", eval_rows, EVAL_FIELDS)
+        tb = _open_tensorboard(run_dir, purge_step=start if start else None)
+
+    def log_eval(meta_step: int) -> None:
+        new = evaluate(meta_step)
+        eval_rows.extend(new)
+        _write_csv(run_dir / "eval.csv", eval_rows, EVAL_FIELDS)
+        if tb is not None:
+            for r in new:
+                tb.add_scalar(f"eval/{r['task']}/train_loss", r["train_loss"], meta_step)
+                tb.add_scalar(f"eval/{r['task']}/test_loss", r["test_loss"], meta_step)
+
+    try:
+        if evaluate is not None and start == 0 and stop > 0:
+            log_eval(0)
+        bar = tqdm(range(start, stop), initial=start, total=cfg.meta_steps,
+                   disable=not (progress and info.is_main), desc=f"meta-train {cfg.task}")
+        for step in bar:
+            batches = [task.sample_batch(gen) for _ in range(cfg.truncation)]
+            th = theta()
+            if cfg.estimator == "pes":
+                eps = draw_noise(th, cfg.particles, cfg.sigma, gen)  # the whole population's, on every process
+                grads, loss = pes.step(th, batches, noise={k: v[mine] for k, v in eps.items()},
+                                       population=population)
+                if int(pes.step_count[0, 0]) >= cfg.horizon:  # all particles restart together
+                    w, m = fresh_inner()
+                    pes.reset(w, m, th)
+            elif cfg.estimator == "es":
+                eps = draw_noise(th, cfg.particles, cfg.sigma, gen)
+                grads, loss = es(rule, th, problem, w, m, s, batches, noise={k: v[mine] for k, v in eps.items()},
+                                 population=population, meta_loss=cfg.meta_loss)
+                w, m, s = _advance(rule, th, problem, w, m, s, batches)
+            else:
+                grads, loss, (w, m, s) = bptt(rule, th, problem, w, m, s, batches, meta_loss=cfg.meta_loss)
+            if cfg.estimator != "pes" and int(s) >= cfg.horizon:
+                (w, m), s = fresh_inner(), torch.zeros((), device=device)
+            if info.distributed:  # each process holds its slice's share: sum them
+                keys = list(grads)
+                *summed, loss = all_reduce_sum([grads[k] for k in keys] + [loss])
+                grads = dict(zip(keys, summed))
+            for k, p in rule.named_parameters():
+                p.grad = grads[k].to(p.dtype).clone()
+            norm = torch.nn.utils.clip_grad_norm_(rule.parameters(), cfg.clip)
+            meta_opt.step()
+            meta_opt.zero_grad(set_to_none=True)
+            rows.append({"meta_step": step + 1, "meta_loss": float(loss), "grad_norm": float(norm)})
+            bar.set_postfix(meta_loss=f"{float(loss):.4f}")
+            if tb is not None:
+                tb.add_scalar("meta/loss", float(loss), step + 1)
+                tb.add_scalar("meta/grad_norm", float(norm), step + 1)
+            if evaluate is not None and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.meta_steps):
+                log_eval(step + 1)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 in (cfg.meta_steps, stop):
+                # a collective: every process takes part; only rank 0 writes
+                pes_state = (all_gather_cat(pes.w, 1), all_gather_cat(pes.momenta, 1),
+                             all_gather_cat(pes.step_count, 1), {k: all_gather_cat(v, 0) for k, v in pes.xi.items()})
+                if info.is_main:
+                    save_checkpoint_atomic({"config": dataclasses.asdict(cfg), "meta_step": step + 1,
+                                            "rule": rule.state_dict(), "meta_opt": meta_opt.state_dict(),
+                                            "generator": gen.get_state(), "pes": pes_state, "inner": (w, m, s),
+                                            "metrics": rows, "eval": eval_rows}, ckpt_path)
+                    _write_csv(run_dir / "metrics.csv", rows, METRICS_FIELDS)
+    finally:
+        if tb is not None:
+            tb.close()
+    if info.is_main and stop == cfg.meta_steps:
+        O.save_rule(rule, run_dir / "rule.safetensors", task=cfg.task, estimator=cfg.estimator,
+                    meta_steps=cfg.meta_steps)
     return rule
 
 
 @torch.no_grad()
 def _advance(rule, th, problem, w, m, s, batches):
-    from .estimators import unroll
-
     w, m, s, _ = unroll(rule, th, problem, w, m, s, batches)
     return w, m, s
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="meta-train a learned optimizer")
-    for f in dataclasses.fields(MetaTrainConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.default is dataclasses.MISSING:
-            parser.add_argument(name, required=True, type=str)
-        else:
-            parser.add_argument(name, type=type(f.default), default=f.default)
-    parser.add_argument("--no-progress", action="store_true")
-    args = vars(parser.parse_args(argv))
-    progress = not args.pop("no_progress")
-    meta_train(MetaTrainConfig(**args), progress=progress)
+def main(argv: list[str] | None = None) -> int:
+    """``python -m meta_train.loop``: the same command line as ``python -m meta_train``."""
+    from .distributed import main as _main
+
+    return _main(argv)
 
 
 if __name__ == "__main__":
-    main()
+    from meta_train.distributed import run_and_exit
+
+    run_and_exit()

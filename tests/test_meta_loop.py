@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -96,3 +97,155 @@ def test_shipped_example_config_is_valid():
 
     cfg = load_config(Path(__file__).parent.parent / "examples" / "configs" / "mlp_digits_pes.toml")
     assert cfg.estimator == "pes" and cfg.meta_steps == 200
+
+
+# ---- held-out evaluation, meta-loss options, config validation, TensorBoard, `python -m meta_train`
+
+TINY = dict(meta_steps=4, truncation=2, particles=2, horizon=4, checkpoint_every=1, meta_lr=1e-2, hidden=4)
+EVAL = dict(eval_every=2, eval_steps=10, eval_seeds=1)
+
+
+def _rule_equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_eval_writes_rows_and_leaves_the_meta_parameters_alone(tmp_path):
+    import csv
+
+    plain = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "plain"), **TINY), progress=False)
+    evald = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "eval"), **TINY, **EVAL), progress=False)
+    assert _rule_equal(plain, evald)  # evaluation draws from its own generators only
+    rows = list(csv.DictReader((tmp_path / "eval" / "eval.csv").open()))
+    assert [(r["meta_step"], r["task"]) for r in rows] == [(s, "mlp-digits-tanh") for s in ("0", "2", "4")]
+    for r in rows:
+        assert 0 < float(r["train_loss"]) < 10 and 0 < float(r["test_loss"]) < 10
+    assert not (tmp_path / "plain" / "eval.csv").exists()
+
+
+def test_resume_with_eval_rewrites_eval_csv_exactly(tmp_path):
+    import shutil
+
+    straight = tmp_path / "straight"
+    reference = meta_train(MetaTrainConfig(run_dir=str(straight), **TINY, **EVAL), progress=False)
+    run = tmp_path / "resumed"
+    cfg = MetaTrainConfig(run_dir=str(run), **TINY, **EVAL)
+    meta_train(cfg, progress=False, stop_after=2)
+    shutil.copy(run / "checkpoint.pt", tmp_path / "step2.pt")
+    meta_train(cfg, progress=False, stop_after=3)  # runs on, then "dies": its step-3 checkpoint is lost
+    assert not (run / "rule.safetensors").exists()
+    shutil.copy(tmp_path / "step2.pt", run / "checkpoint.pt")
+    resumed = meta_train(cfg, progress=False)
+    assert _rule_equal(reference, resumed)
+    for name in ("eval.csv", "metrics.csv"):
+        assert (run / name).read_text() == (straight / name).read_text(), name
+
+
+@pytest.mark.parametrize("meta_loss", ["final", "log_mean"])
+def test_meta_loss_options(tmp_path, meta_loss):
+    import csv
+
+    from meta_train.estimators import bptt, reduce_losses, unroll
+
+    losses = torch.tensor([4.0, 2.0, 1.0])
+    assert float(reduce_losses(losses, "mean")) == pytest.approx(7 / 3)
+    assert float(reduce_losses(losses, "final")) == 1.0
+    assert float(reduce_losses(losses, "log_mean")) == pytest.approx(float(losses.log().mean()))
+    with pytest.raises(ValueError, match="meta_loss"):
+        reduce_losses(losses, "max")
+
+    cfg = dict(TINY, meta_steps=2, estimator="pes")
+    meta_train(MetaTrainConfig(run_dir=str(tmp_path / "mean"), **cfg), progress=False)
+    rule = meta_train(MetaTrainConfig(run_dir=str(tmp_path / meta_loss), meta_loss=meta_loss, **cfg), progress=False)
+    base = [float(r["meta_loss"]) for r in csv.DictReader((tmp_path / "mean" / "metrics.csv").open())]
+    other = [float(r["meta_loss"]) for r in csv.DictReader((tmp_path / meta_loss / "metrics.csv").open())]
+    assert base[0] != other[0]
+    if meta_loss == "log_mean":  # the mean of logs is below the log of the mean
+        assert other[0] < math.log(base[0])
+
+    # BPTT's gradient is the gradient of the chosen reduction
+    from meta_train.build import build_rule
+    from meta_train.tasks import get_task
+
+    task = get_task("mlp-digits")
+    gen = torch.Generator().manual_seed(0)
+    params = task.init(gen)
+    _, problem = build_rule("deepset", task, params, hidden=4)
+    w = torch.cat([p.reshape(-1) for p in params.values()])
+    m, s = torch.zeros(O.rule.N_MOMENTA, w.numel()), torch.zeros(())
+    batches = [task.sample_batch(gen) for _ in range(2)]
+    theta = {k: v.detach().clone() for k, v in rule.named_parameters() if k in ("raw_alpha", "beta")}
+    grads, loss, _ = bptt(rule, theta, problem, w, m, s, batches, meta_loss=meta_loss)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in theta.items()}
+    target = reduce_losses(unroll(rule, leaves, problem, w, m, s, batches)[3], meta_loss)
+    auto = torch.autograd.grad(target, list(leaves.values()))
+    assert float(loss) == pytest.approx(float(target.detach()))
+    for k, g in zip(leaves, auto):
+        torch.testing.assert_close(grads[k], g)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("meta_loss", "max", "field 'meta_loss' must be one of mean, final, log_mean"),
+    ("eval_tasks", ["mlp-digits-tanh", "nope"], "field 'eval_tasks': unknown task 'nope'"),
+    ("eval_tasks", "mlp-digits-tanh", "field 'eval_tasks' must be list of str"),
+    ("eval_tasks", [1, 2], "field 'eval_tasks' must be list of str"),
+    ("eval_every", -1, "field 'eval_every' must be >= 0"),
+    ("eval_steps", 0, "field 'eval_steps' must be positive"),
+    ("eval_seeds", 1.5, "field 'eval_seeds' must be int"),
+    ("particles", True, "field 'particles' must be int"),
+    ("estimator", "sgd", "field 'estimator' must be one of pes, es, bptt"),
+    ("task", "mlp-nothing", "field 'task' must be a registered task"),
+    ("device", "tpu", "field 'device'"),
+])
+def test_bad_config_fields_are_named(tmp_path, field, value, message):
+    from meta_train.loop import load_config
+
+    with pytest.raises(ValueError, match=message):
+        MetaTrainConfig(run_dir=str(tmp_path), **{field: value})
+    toml_value = "[" + ", ".join(repr(v) if isinstance(v, int) else f'"{v}"' for v in value) + "]" \
+        if isinstance(value, list) else str(value).lower() if isinstance(value, bool) \
+        else f'"{value}"' if isinstance(value, str) else repr(value)
+    config = tmp_path / "c.toml"
+    config.write_text(f'run_dir = "{tmp_path}"\n{field} = {toml_value}\n')
+    with pytest.raises(ValueError, match=f"c.toml: {message}"):
+        load_config(config)
+
+
+def test_eval_tasks_from_toml_and_unknown_family(tmp_path):
+    from meta_train.loop import load_config
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'run_dir = "{tmp_path}"\neval_every = 5\neval_tasks = ["mlp-digits-deep", "mlp-mnist1d"]\n'
+                      f'sigma = 1\n')
+    cfg = load_config(config)
+    assert cfg.eval_tasks == ["mlp-digits-deep", "mlp-mnist1d"] and cfg.sigma == 1.0
+    with pytest.raises(ValueError, match="field 'family'"):
+        meta_train(MetaTrainConfig(run_dir=str(tmp_path / "x"), family="nope", **TINY), progress=False)
+
+
+def test_tensorboard_scalars(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    meta_train(MetaTrainConfig(run_dir=str(tmp_path), **TINY, **EVAL), progress=False)
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"meta/loss", "meta/grad_norm", "eval/mlp-digits-tanh/train_loss",
+            "eval/mlp-digits-tanh/test_loss"} <= tags
+    assert [e.step for e in acc.Scalars("meta/loss")] == [1, 2, 3, 4]
+
+
+def test_python_dash_m_meta_train(tmp_path, capsys):
+    from meta_train.distributed import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "torchrun" in capsys.readouterr().out
+    config = tmp_path / "c.toml"
+    config.write_text(f'run_dir = "{tmp_path / "run"}"\nmeta_steps = 9\ntruncation = 2\nparticles = 2\n')
+    assert main(["--config", str(config), "--meta-steps", "2", "--eval-tasks", "mlp-digits-deep", "--no-progress"]) == 0
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert ck["config"]["meta_steps"] == 2 and ck["config"]["eval_tasks"] == ["mlp-digits-deep"]
+    with pytest.raises(SystemExit):
+        main(["--meta-steps", "2"])  # no run dir
+    assert "--run-dir is required" in capsys.readouterr().err
