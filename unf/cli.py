@@ -1,4 +1,5 @@
-"""The ``unf`` command line: ``unf demo``, ``unf spec MODULE:FACTORY``, ``unf meta-train CONFIG``."""
+"""The ``unf`` command line: ``unf demo``, ``unf spec MODULE:FACTORY``, ``unf meta-train CONFIG``,
+``unf plot RUN_DIR``."""
 
 from __future__ import annotations
 
@@ -109,6 +110,17 @@ def cmd_meta_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from meta_train.plot import plot_run
+
+    try:
+        out = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from e
+    print(f"plot written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unf", description="universal-neural-functionals command line")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -132,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--run-dir", default=None, help="override the config's run_dir")
     mt.add_argument("--no-progress", action="store_true")
     mt.set_defaults(func=cmd_meta_train)
+
+    plot = sub.add_parser("plot", help="plot a meta-training run's metrics.csv (and eval.csv) to a PNG")
+    plot.add_argument("run_dir", help="the run's directory (holds metrics.csv)")
+    plot.add_argument("--out", default=None, metavar="FILE.png", help="where to write (default RUN_DIR/metrics.png)")
+    plot.set_defaults(func=cmd_plot)
 
     from meta_train import compare as _compare
 
