@@ -24,7 +24,9 @@ CHUNK = 16384
 
 def supports_fast_path(rule: LearnedRule, n: int) -> bool:
     """Chunking pays off from one chunk up; below that the plain path has less overhead."""
-    return n >= CHUNK and type(rule.f) in (PerParamMLP, DeepSet)
+    from .unf_family import UNFFamily  # (imports this module's users: import late)
+
+    return n >= CHUNK and type(rule.f) in (PerParamMLP, DeepSet, UNFFamily)
 
 
 def _segment_sum_(sums: torch.Tensor, x: torch.Tensor, s: int, e: int, seg: Segments) -> None:
@@ -128,6 +130,23 @@ def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, worksp
         prev, sums = target, next_sums
 
 
+def _unf_forward(f, feats: _Features, n: int, seg: Segments, workspace: dict, emit) -> None:
+    """UNF family: the chunked DeepSet pass (keeping its read-out), then the UNF read-out over the spec entries
+    from the last hidden layer's (n, hidden) activations, which the DeepSet pass leaves in the workspace."""
+    device = feats.param.device
+    ds_out = _buffer(workspace, ("unf", "ds_out"), n, 1, device)[:, 0]
+
+    def keep(s: int, e: int, learned: torch.Tensor) -> None:
+        ds_out[s:e] = learned
+
+    _deepset_forward(f.deepset, feats, n, seg, workspace, keep)
+    hidden = workspace[("deepset", len(f.deepset.layers) - 1)]
+    learned = ds_out.add_(f.unf_readout(hidden))
+    for s in range(0, n, CHUNK):
+        e = min(n, s + CHUNK)
+        emit(s, e, learned[s:e])
+
+
 @torch.no_grad()
 def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, state: RuleState, segments: Segments,
                 lr: float = 1.0, active: torch.Tensor | None = None, workspace: dict | None = None
@@ -166,6 +185,8 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
 
     if isinstance(rule.f, DeepSet):
         _deepset_forward(rule.f, feats, n, segments, workspace, emit)
+    elif hasattr(rule.f, "unf_readout"):
+        _unf_forward(rule.f, feats, n, segments, workspace, emit)
     else:
         _mlp_forward(rule.f, feats, n, workspace, emit)
     skipped = ~finite if active is None else active & ~finite

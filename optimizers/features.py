@@ -35,15 +35,30 @@ _EPS = 1e-24  # added to mean squares; far below any fp32 gradient scale that ma
 class Segments:
     """Which segment (tensor or spec entry) each element of a flat parameter vector belongs to.
 
-    ``sizes`` is set when segments are contiguous runs in order (each parameter tensor one segment); the fast
-    path then reduces and broadcasts per run instead of scattering by ``ids``.
+    ``sizes`` is set when the vector is a sequence of contiguous runs, each inside one segment (``run_segments``
+    names it; by default run ``k`` is segment ``k``, as when each parameter tensor is one segment); the fast path
+    then reduces and broadcasts per run instead of scattering by ``ids``.
     """
 
     ids: torch.Tensor  # (N,) int64
     counts: torch.Tensor  # (T,) float32, elements per segment
     n: int
     sizes: tuple[int, ...] | None = None
+    run_segments: tuple[int, ...] | None = None
     _runs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_ids(cls, ids: torch.Tensor, n: int, max_runs: int = 4096) -> Segments:
+        """Segments from per-element ids; records the runs when there are at most ``max_runs`` of them."""
+        counts = torch.bincount(ids, minlength=n).to(torch.float32)
+        if ids.numel() == 0:
+            return cls(ids, counts, n)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1])
+        if starts.numel() > max_runs:
+            return cls(ids, counts, n)
+        bounds = starts.tolist() + [ids.numel()]
+        sizes = tuple(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        return cls(ids, counts, n, sizes, tuple(int(i) for i in ids[starts].tolist()))
 
     @classmethod
     def from_sizes(cls, sizes: list[int], device: torch.device | str = "cpu") -> Segments:
@@ -52,17 +67,17 @@ class Segments:
         return cls(ids, sizes_t.to(torch.float32), len(sizes), tuple(int(x) for x in sizes))
 
     def to(self, device: torch.device | str) -> Segments:
-        return Segments(self.ids.to(device), self.counts.to(device), self.n, self.sizes)
+        return Segments(self.ids.to(device), self.counts.to(device), self.n, self.sizes, self.run_segments)
 
     def runs(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """``(segment, a, b)`` runs covering ``[start, stop)`` (relative offsets); needs contiguous segments."""
         key = (start, stop)
         if key not in self._runs:
             out, offset = [], 0
-            for seg_id, size in enumerate(self.sizes or ()):
+            for k, size in enumerate(self.sizes or ()):
                 a, b = max(start, offset), min(stop, offset + size)
                 if a < b:
-                    out.append((seg_id, a - start, b - start))
+                    out.append((k if self.run_segments is None else self.run_segments[k], a - start, b - start))
                 offset += size
             self._runs[key] = out
         return self._runs[key]

@@ -91,7 +91,7 @@ class UNFFamily(nn.Module):
         self._index = index
         positions = torch.cat([i.reshape(-1) for i in index.values()])
         self._gather = torch.argsort(positions)  # flat position -> place in the concatenated entry outputs
-        self._segments = Segments(ids, torch.tensor(counts, dtype=torch.float32), len(counts))
+        self._segments = Segments.from_ids(ids, len(counts))
         return self._segments
 
     def bind(self, params: list[torch.Tensor]) -> Segments:
@@ -111,11 +111,17 @@ class UNFFamily(nn.Module):
         if self._gather is None:
             raise RuntimeError("UNFFamily is not bound to a parameter layout: call bind() or bind_layout()")
         h = self.deepset.hidden(features, segments)  # (N, hidden)
-        entries = {name: h[index.to(h.device)].movedim(-1, 0).unsqueeze(0) for name, index in self._index.items()}
+        return self.deepset.out(h, segments).squeeze(-1) + self.unf_readout(h)
+
+    def unf_readout(self, h: torch.Tensor) -> torch.Tensor:
+        """The UNF layer's (N,) output from per-element hidden activations ``h`` (N, hidden)."""
+        # channels-first entries: the UNF layer's reductions run over contiguous entry axes (5x faster than
+        # reducing a channels-last view)
+        ht = h.T.contiguous()
+        entries = {name: ht[:, index.to(h.device)].unsqueeze(0) for name, index in self._index.items()}
         out = self.head(entries)
         # entries partition the parameters: one gather puts every output element back at its flat position
-        flat = torch.cat([out[name].reshape(-1) for name in self._index])[self._gather.to(h.device)]
-        return self.deepset.out(h, segments).squeeze(-1) + flat
+        return torch.cat([out[name].reshape(-1) for name in self._index])[self._gather.to(h.device)]
 
     # ------------------------------------------------------------------ transfer
     def transfer(self, spec: WeightSpaceSpec) -> UNFFamily:

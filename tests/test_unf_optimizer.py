@@ -156,3 +156,28 @@ def test_unf_family_runs_under_vmap_over_meta_parameters():
     batched = vmap(step)(noise)
     for i in range(3):
         torch.testing.assert_close(batched[i], step({k: v[i] for k, v in noise.items()}))
+
+
+@pytest.mark.parametrize("tie", ["role", "none"])
+def test_unf_fast_path_equals_reference(tie):
+    from optimizers.fast import fast_update, supports_fast_path
+
+    model = nn.Sequential(nn.Conv2d(3, 24, 3), nn.ReLU(), nn.Conv2d(24, 96, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(96 * 16, 50))
+    x = torch.randn(2, 3, 8, 8)
+    spec = unf.derive_spec(model, x).parameters_only()
+    rule = randomize_rule(O.LearnedRule(O.UNFFamily(spec, hidden=4, layers=2, tie=tie)))
+    params = [dict(model.named_parameters())[n] for n in spec.sources]
+    seg = rule.f.bind(params)
+    n = sum(p.numel() for p in params)
+    assert supports_fast_path(rule, n)  # > one chunk: the chunked DeepSet pass runs over several chunks
+    gen = torch.Generator().manual_seed(1)
+    param, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    grad[::97] = float("nan")
+    state = O.RuleState(torch.randn(7, n, generator=gen), torch.tensor(12.0))
+    with torch.no_grad():
+        ref = rule.update(param, grad, state, seg, lr=0.7)
+        fast = fast_update(rule, param, grad, state, seg, lr=0.7)
+    torch.testing.assert_close(fast[0], ref[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast[1].momenta, ref[1].momenta)
+    assert torch.equal(fast[2], ref[2])
