@@ -78,6 +78,8 @@ class MetaTrainConfig:
         eval_steps: inner steps of each evaluation run (from a fresh initialisation).
         eval_seeds: evaluation runs per task (their losses are averaged).
         device: ``"cpu"`` or ``"cuda"`` (under ``torchrun``, each process takes ``cuda:LOCAL_RANK``).
+        init_from: a saved rule (``.safetensors``) to start from instead of a fresh one, e.g. a trained DeepSet
+            rule for a UNF run (see :func:`meta_train.build.warm_start`); ``""`` for a fresh rule.
     """
 
     run_dir: str
@@ -100,6 +102,7 @@ class MetaTrainConfig:
     eval_steps: int = 200
     eval_seeds: int = 2
     device: str = "cpu"
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -372,7 +375,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     task = _get_task(cfg.task, device)
     w0_params = task.init(gen)
     try:
-        rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden)
+        rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from or None)
     except KeyError as e:
         raise ValueError(f"field 'family': {e.args[0]}") from e
     rule = rule.to(device)
