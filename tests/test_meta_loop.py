@@ -249,3 +249,22 @@ def test_python_dash_m_meta_train(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--meta-steps", "2"])  # no run dir
     assert "--run-dir is required" in capsys.readouterr().err
+
+
+def test_eval_task_whose_rule_does_not_fit_is_skipped_with_one_warning(tmp_path, monkeypatch):
+    import csv
+
+    import meta_train.loop as loop
+
+    real = loop.build_rule
+
+    def build_rule(family, task, params, hidden=8, **kwargs):  # a rule bound to its task: mlp-digits-deep's differs
+        return real(family, task, params, hidden=hidden + (task.name == "mlp-digits-deep"), **kwargs)
+
+    monkeypatch.setattr(loop, "build_rule", build_rule)
+    cfg = MetaTrainConfig(run_dir=str(tmp_path), eval_tasks=["mlp-digits-deep", "mlp-digits-tanh"], **TINY, **EVAL)
+    with pytest.warns(UserWarning, match="eval task 'mlp-digits-deep' skipped") as record:
+        meta_train(cfg, progress=False)
+    assert len([w for w in record if "skipped" in str(w.message)]) == 1
+    rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
+    assert {r["task"] for r in rows} == {"mlp-digits-tanh"} and len(rows) == 3
