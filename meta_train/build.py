@@ -20,7 +20,7 @@ from unf import UnknownOpWarning, derive_spec
 from .estimators import FlatProblem
 from .tasks import Task
 
-__all__ = ["build_rule", "warm_start"]
+__all__ = ["build_rule", "warm_start", "copy_rule"]
 
 
 def build_rule(family: str, task: Task, params: Mapping[str, torch.Tensor], hidden: int = 32,
@@ -35,23 +35,31 @@ def build_rule(family: str, task: Task, params: Mapping[str, torch.Tensor], hidd
     return rule, problem
 
 
-@torch.no_grad()
 def warm_start(rule: O.LearnedRule, path: str | os.PathLike) -> None:
-    """Copy a saved rule's weights into ``rule``: the scalars always; ``f`` when the families match (a UNF rule of
+    """Start ``rule`` from a saved rule (see :func:`copy_rule`)."""
+    copy_rule(rule, O.load_rule(path), source=str(path))
+
+
+@torch.no_grad()
+def copy_rule(rule: O.LearnedRule, src: O.LearnedRule, source: str = "the source rule") -> None:
+    """Copy ``src``'s weights into ``rule``: the scalars always; ``f`` when the families match (a UNF rule of
     another spec is transferred by role), or a DeepSet rule into a UNF rule's DeepSet layers and read-out (the UNF
     read-out stays zero, so the warm-started rule starts out computing exactly the DeepSet rule's updates)."""
-    src = O.load_rule(path)
     for name in ("raw_alpha", "beta", "raw_gamma0"):
         getattr(rule, name).copy_(getattr(src, name))
     if isinstance(rule.f, O.UNFFamily) and isinstance(src.f, O.UNFFamily):
-        rule.f.load_state_dict(src.f.transfer(rule.f.spec).state_dict() if src.f.spec != rule.f.spec
-                               else src.f.state_dict())
+        if src.f.spec == rule.f.spec:
+            rule.f.load_state_dict(src.f.state_dict())
+        else:
+            rule.f.deepset.load_state_dict(src.f.deepset.state_dict())
+            rule.f.head.load_role_state(src.f.head.role_state())
     elif isinstance(rule.f, O.UNFFamily) and isinstance(src.f, O.DeepSet):
         rule.f.deepset.load_state_dict(src.f.state_dict())
     elif type(rule.f) is type(src.f):
         rule.f.load_state_dict(src.f.state_dict())
     else:
-        raise ValueError(f"cannot start a {type(rule.f).__name__} rule from the {type(src.f).__name__} rule in {path}")
+        raise ValueError(f"cannot start a {type(rule.f).__name__} rule from the {type(src.f).__name__} rule in "
+                         f"{source}")
 
 
 def _build(family: str, task: Task, params: Mapping[str, torch.Tensor], hidden: int,

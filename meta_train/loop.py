@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import optimizers as O
 
-from .build import build_rule
+from .build import build_rule, copy_rule
 from .distributed import DistInfo, all_gather_cat, all_reduce_sum, particle_slice
 from .distributed import current as _dist_current
 from .estimators import META_LOSSES, PES, bptt, draw_noise, es, unroll
@@ -288,8 +288,8 @@ class _Evaluator:
                                                 hidden=cfg.hidden)
                 eval_rule = eval_rule.to(device)
                 try:
-                    eval_rule.load_state_dict(rule.state_dict())
-                except RuntimeError as e:
+                    copy_rule(eval_rule, rule)
+                except (RuntimeError, ValueError) as e:
                     warnings.warn(f"eval task {name!r} skipped: the {cfg.family!r} rule trained on {cfg.task!r} "
                                   f"does not fit it ({str(e).splitlines()[0]})", stacklevel=3)
                     continue
@@ -307,7 +307,7 @@ class _Evaluator:
     def __call__(self, meta_step: int) -> list[dict]:
         rows = []
         for name, eval_rule, problem, runs in self.entries:
-            eval_rule.load_state_dict(self.rule.state_dict())
+            copy_rule(eval_rule, self.rule)  # a UNF rule is transferred to the eval task's spec by role
             theta = {k: v.detach() for k, v in eval_rule.named_parameters()}
             train, test = [], []
             for w0, batches, held_out in runs:

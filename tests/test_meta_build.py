@@ -58,3 +58,25 @@ def test_unf_warm_started_from_deepset_matches_it(task, tmp_path):
     with pytest.raises(ValueError, match="cannot start"):
         mlp_rule, _ = build_rule("mlp", task, params, hidden=4)
         warm_start(mlp_rule, tmp_path / "ds.safetensors")
+
+
+def test_unf_meta_training_evaluates_on_a_task_with_another_spec(tmp_path):
+    import csv
+
+    from meta_train.loop import MetaTrainConfig, meta_train
+
+    cfg = MetaTrainConfig(run_dir=str(tmp_path / "run"), task="mlp-digits", family="unf", hidden=4, particles=2,
+                          truncation=3, horizon=6, meta_steps=2, checkpoint_every=1, eval_every=1,
+                          eval_tasks=["mlp-digits-w128"], eval_steps=5, eval_seeds=1)
+    rule = meta_train(cfg, progress=False)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "eval.csv")))
+    assert [int(r["meta_step"]) for r in rows] == [0, 1, 2] and all(r["task"] == "mlp-digits-w128" for r in rows)
+    # the evaluated rule is the trained one transferred by role: same keys, same coefficients
+    task = get_task("mlp-digits-w128")
+    other, _ = build_rule("unf", task, task.init(torch.Generator().manual_seed(0)), hidden=4)
+    from meta_train.build import copy_rule
+
+    copy_rule(other, rule)
+    assert other.f.head.coverage == 1.0
+    for k, v in rule.f.head.role_state().items():
+        assert torch.equal(other.f.head.role_state()[k], v)
