@@ -268,3 +268,14 @@ def test_eval_task_whose_rule_does_not_fit_is_skipped_with_one_warning(tmp_path,
     assert len([w for w in record if "skipped" in str(w.message)]) == 1
     rows = list(csv.DictReader((tmp_path / "eval.csv").open()))
     assert {r["task"] for r in rows} == {"mlp-digits-tanh"} and len(rows) == 3
+
+
+def test_without_tensorboard_one_info_line_and_csv_only(tmp_path, monkeypatch, capsys):
+    import meta_train.loop as loop
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
+    monkeypatch.setattr(loop, "_TB_NOTICE_SHOWN", False)
+    meta_train(MetaTrainConfig(run_dir=str(tmp_path / "a"), **dict(TINY, meta_steps=1)), progress=False)
+    meta_train(MetaTrainConfig(run_dir=str(tmp_path / "b"), **dict(TINY, meta_steps=1)), progress=False)
+    assert capsys.readouterr().err.count("tensorboard is not installed") == 1
+    assert not (tmp_path / "a" / "tb").exists() and (tmp_path / "a" / "metrics.csv").exists()
