@@ -49,10 +49,15 @@ def test_factory_with_wrong_inputs_reports_spec_error(tmp_path, capsys, monkeypa
     assert "example inputs do not fit Linear" in err and "Traceback" not in err
 
 
-def test_demo_runs_and_validates(capsys):
-    assert main(["demo", "--trials", "3"]) == 0
+def test_demo_runs_and_validates(capsys, tmp_path):
+    import optimizers
+
+    assert main(["demo", "--trials", "3", "--steps", "60", "--seeds", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "TransformerLM" in out and "SmallCNN" in out and "All specs preserve the function." in out
+    if "unf-mnist1d" in optimizers.available():
+        assert "drop-in: UNFOptimizer" in out and "| adam |" in out and "UNF / tuned Adam" in out
+        assert (tmp_path / "demo-optimizers.png").stat().st_size > 1000
 
 
 def test_console_entry_point_runs_as_module():
