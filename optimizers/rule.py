@@ -44,7 +44,8 @@ class LearnedRule(nn.Module):
     """Meta-parameters of a learned optimizer: the function ``f`` plus ``alpha``, ``beta``, ``gamma0``.
 
     The scalars are stored as they are (so ``beta = 0`` reproduces momentum SGD bit for bit) and clamped where
-    used: ``alpha >= 0``, ``0 <= gamma0 <= 0.9999``.
+    used: ``alpha = |raw_alpha|`` (not a clamp: a clamp at 0 has zero gradient, so a meta-training run whose step
+    size once crossed 0 would stay frozen there), ``0 <= gamma0 <= 0.9999``.
     """
 
     def __init__(self, f: nn.Module, alpha: float = 0.1, beta: float = 0.001, gamma0: float = 0.9,
@@ -59,7 +60,7 @@ class LearnedRule(nn.Module):
 
     @property
     def alpha(self) -> torch.Tensor:
-        return self.raw_alpha.clamp_min(0.0)
+        return self.raw_alpha.abs()
 
     @property
     def gamma0(self) -> torch.Tensor:

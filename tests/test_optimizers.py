@@ -349,3 +349,14 @@ def test_higher_integration_matches_the_optimizer_and_gives_meta_gradients():
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     grads = torch.autograd.grad(meta_loss, [rule.raw_alpha, rule.beta])
     assert all(torch.isfinite(g) and g != 0 for g in grads)
+
+
+def test_step_size_never_gets_stuck_at_zero():
+    # a meta-gradient step that pushes raw_alpha below 0 must leave a nonzero gradient to come back with
+    rule = O.LearnedRule(O.DeepSet(hidden=4, layers=1), alpha=-0.05)
+    assert float(rule.alpha.detach()) == pytest.approx(0.05)
+    n = 6
+    w, g = torch.randn(n), torch.randn(n)
+    new, _, _ = rule.update(w, g, O.init(n), Segments.from_sizes([n]))
+    (grad,) = torch.autograd.grad(new.sum(), [rule.raw_alpha])
+    assert float(grad.abs()) > 0
