@@ -310,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--seeds", type=int, default=5, help="seeds 0 .. N-1")
     parser.add_argument("--baselines", nargs="*", default=["adam", "sgdm"])
-    parser.add_argument("--out", default=None, help="directory for results.json, table.md and <task>.png")
+    parser.add_argument("--out", default=None, help="directory for <task>.json, <task>.md (table) and <task>.png")
     parser.add_argument("--cache", default=None, help="directory to keep and reuse the baselines' loss curves")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
@@ -324,16 +324,13 @@ def run(args: argparse.Namespace) -> int:
         label, _, path = item.partition("=") if "=" in item else (Path(item).stem, "", item)
         learned[label] = path
     out = Path(args.out) if args.out else None
-    tables = []
     for task in args.task:
         res = compare(task, learned, steps=args.steps, seeds=range(args.seeds), baselines=args.baselines,
                       progress=not args.no_progress, cache_dir=args.cache)
-        tables.append(res.table())
         print(res.table(), flush=True)
         if out:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"{task}.json").write_text(res.to_json())
+            (out / f"{task}.md").write_text(res.table() + "\n")
             plot_curves(res, out / f"{task}.png")
-    if out:
-        (out / "table.md").write_text("\n\n".join(tables) + "\n")
     return 0

@@ -99,7 +99,7 @@ def test_compare_tunes_on_the_grid_and_the_cli_writes_table_and_plot(task, tmp_p
     rc = main(["compare", "--task", "mlp-digits", "--optimizer", f"mine={path}", "--steps", "60", "--seeds", "2",
                "--baselines", "sgdm", "--out", str(tmp_path / "out"), "--no-progress"])
     assert rc == 0
-    table = (tmp_path / "out" / "table.md").read_text()
+    table = (tmp_path / "out" / "mlp-digits.md").read_text()
     assert "| mine |" in table and "| sgdm |" in table
     assert (tmp_path / "out" / "mlp-digits.png").stat().st_size > 1000
     data = json.loads((tmp_path / "out" / "mlp-digits.json").read_text())
