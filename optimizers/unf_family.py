@@ -55,6 +55,8 @@ class UNFFamily(nn.Module):
                 p.zero_()
         self._index: dict[str, torch.Tensor] = {}
         self._gather: torch.Tensor | None = None
+        self._slices: dict[str, tuple[int, int]] = {}
+        self._tiling: list[str] | None = None
         self._segments: Segments | None = None
 
     # ------------------------------------------------------------------ layout
@@ -89,6 +91,17 @@ class UNFFamily(nn.Module):
         if bool((ids < 0).any()) or sum(counts) != offset:
             raise ValueError("the spec's entries do not cover every parameter element exactly once")
         self._index = index
+        # entries that are a whole run of the flat vector in their own layout (a plain parameter tensor) are read
+        # as views, and if such runs tile the vector the outputs concatenate in order without a gather
+        self._slices = {}
+        for name, idx in index.items():
+            flat = idx.reshape(-1)
+            if flat.numel() and bool((flat == torch.arange(int(flat[0]), int(flat[0]) + flat.numel())).all()):
+                self._slices[name] = (int(flat[0]), flat.numel())
+        order = sorted(self._slices, key=lambda n: self._slices[n][0])
+        tiles = len(order) == len(index) and all(
+            self._slices[a][0] + self._slices[a][1] == self._slices[b][0] for a, b in zip(order, order[1:]))
+        self._tiling = order if tiles else None
         positions = torch.cat([i.reshape(-1) for i in index.values()])
         self._gather = torch.argsort(positions)  # flat position -> place in the concatenated entry outputs
         self._segments = Segments.from_ids(ids, len(counts))
@@ -118,8 +131,16 @@ class UNFFamily(nn.Module):
         # channels-first entries: the UNF layer's reductions run over contiguous entry axes (5x faster than
         # reducing a channels-last view)
         ht = h.T.contiguous()
-        entries = {name: ht[:, index.to(h.device)].unsqueeze(0) for name, index in self._index.items()}
+        entries = {}
+        for name, index in self._index.items():
+            if name in self._slices:
+                start, n = self._slices[name]
+                entries[name] = ht[:, start:start + n].view(1, ht.shape[0], *index.shape)
+            else:
+                entries[name] = ht[:, index.to(h.device)].unsqueeze(0)
         out = self.head(entries)
+        if self._tiling is not None:
+            return torch.cat([out[name].reshape(-1) for name in self._tiling])
         # entries partition the parameters: one gather puts every output element back at its flat position
         return torch.cat([out[name].reshape(-1) for name in self._index])[self._gather.to(h.device)]
 
