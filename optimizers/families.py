@@ -35,8 +35,9 @@ class PerParamMLP(nn.Module):
             blocks += [nn.Linear(a, b), nn.ReLU()]
         blocks.append(nn.Linear(dims[-1], 1))
         self.net = nn.Sequential(*blocks)
-        nn.init.zeros_(self.net[-1].weight)  # start as pure momentum SGD; meta-training grows the learned term
-        nn.init.zeros_(self.net[-1].bias)
+        # the read-out starts random, as in the paper (beta = 0.001 keeps the learned term small at first): a zero
+        # read-out would give ES/PES almost no signal, since the effect of perturbing either beta or the read-out is
+        # proportional to the other
 
     def forward(self, features: torch.Tensor, segments: Segments) -> torch.Tensor:
         return self.net(features).squeeze(-1)
@@ -65,9 +66,7 @@ class DeepSet(nn.Module):
         self.config = {"hidden": hidden, "layers": layers, "in_features": in_features}  # to save and rebuild
         dims = [in_features] + [hidden] * layers
         self.layers = nn.ModuleList(DeepSetLayer(a, b) for a, b in zip(dims[:-1], dims[1:]))
-        self.out = DeepSetLayer(dims[-1], 1)
-        for p in self.out.parameters():
-            nn.init.zeros_(p)
+        self.out = DeepSetLayer(dims[-1], 1)  # random, as in the paper (see PerParamMLP)
 
     def hidden(self, features: torch.Tensor, segments: Segments) -> torch.Tensor:
         x = features

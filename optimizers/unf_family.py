@@ -37,8 +37,9 @@ class UNFFamily(nn.Module):
     """``f(features)``: DS[hidden] x layers (pooling per spec entry) -> DS read-out + UNFLinear(hidden -> 1).
 
     Call :meth:`bind` (parameters in ``spec.sources`` order) or :meth:`bind_layout` (any flat layout) before use:
-    it fixes where each entry's elements sit in the flat vector. Both read-outs start at zero, so a fresh family
-    is plain momentum SGD until meta-training changes it.
+    it fixes where each entry's elements sit in the flat vector. The UNF read-out starts at zero, so a fresh
+    family computes the DeepSet family's updates (and a family warm-started from trained DeepSet weights computes
+    exactly those) until meta-training changes it.
     """
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, layers: int = 3, in_features: int = N_FEATURES,
