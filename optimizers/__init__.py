@@ -11,7 +11,7 @@ The update rule and features are documented in :mod:`optimizers.rule` and :mod:`
 from .families import FAMILIES, DeepSet, DeepSetLayer, PerParamMLP
 from .features import MOMENTUM_DECAYS, N_FEATURES, Segments, compute_features
 from .optimizer import LearnedOptimizer
-from .registry import available, load, load_rule, make_rule, save_rule
+from .registry import available, load, load_rule, make_rule, save_rule, weights_info
 from .rule import LearnedRule, RuleState, init
 from .unf_family import UNFFamily, UNFOptimizer
 
@@ -24,6 +24,7 @@ __all__ = [
     "load_rule",
     "save_rule",
     "make_rule",
+    "weights_info",
     "LearnedRule",
     "RuleState",
     "init",

@@ -29,7 +29,7 @@ from .optimizer import LearnedOptimizer
 from .rule import LearnedRule
 from .unf_family import UNFFamily, UNFOptimizer
 
-__all__ = ["save_rule", "load_rule", "available", "load", "make_rule", "WEIGHTS_DIR"]
+__all__ = ["save_rule", "load_rule", "available", "load", "make_rule", "weights_info", "WEIGHTS_DIR"]
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 _FORMAT = "unf.LearnedRule/1"
@@ -66,6 +66,9 @@ def save_rule(rule: LearnedRule, path: str | os.PathLike, **info: Any) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; weights are meant to be shared
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -95,6 +98,24 @@ def load_rule(path: str | os.PathLike, device: torch.device | str = "cpu") -> Le
     return rule
 
 
+def weights_info(name: str | os.PathLike) -> dict[str, Any]:
+    """What a weights file says about itself: ``{"path", "config" (family, widths, spec), "info" (how it was
+    trained: task, estimator, meta-steps, ...)}``, without building the rule."""
+    path = _resolve(name)
+    meta = _read_metadata(path)
+    return {"path": str(path), "config": json.loads(meta.get("config", "{}")),
+            "info": json.loads(meta.get("info", "{}"))}
+
+
+def _resolve(name: str | os.PathLike) -> Path:
+    path = Path(name)
+    if not path.suffix:
+        path = WEIGHTS_DIR / f"{name}.safetensors"
+        if not path.exists():
+            raise KeyError(f"no shipped optimizer weights named {name!r}; available: {available() or 'none yet'}")
+    return path
+
+
 def available() -> list[str]:
     """Names of the weights shipped with the package (``optimizers/weights/*.safetensors``)."""
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.safetensors"))
@@ -107,11 +128,7 @@ def load(name: str, model_or_params: nn.Module | Any, lr: float = 1.0, example_i
     UNF weights need the model and ``example_inputs`` (to derive its spec); they are transferred by role if the
     model's spec differs from the one they were trained on.
     """
-    path = Path(name)
-    if not path.suffix:
-        path = WEIGHTS_DIR / f"{name}.safetensors"
-        if not path.exists():
-            raise KeyError(f"no shipped optimizer weights named {name!r}; available: {available() or 'none yet'}")
+    path = _resolve(name)
     rule = load_rule(path)
     if isinstance(rule.f, UNFFamily):
         if not isinstance(model_or_params, nn.Module) or example_inputs is None:

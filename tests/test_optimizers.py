@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -360,3 +361,26 @@ def test_step_size_never_gets_stuck_at_zero():
     new, _, _ = rule.update(w, g, O.init(n), Segments.from_sizes([n]))
     (grad,) = torch.autograd.grad(new.sum(), [rule.raw_alpha])
     assert float(grad.abs()) > 0
+
+
+def test_shipped_weights_load_and_train():
+    names = O.available()
+    assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-transformer-shakespeare"} <= set(names)
+    torch.manual_seed(0)
+    for name in names:
+        model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+        x, y = torch.randn(64, 7), torch.randint(0, 3, (64,))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # UNF weights on another spec warn about their coverage
+            opt = O.load(name, model, example_inputs=x)
+        losses = []
+        for _ in range(40):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        # weights meta-trained on an MLP task train this MLP well; the LM weights (smaller steps) still train it
+        assert losses[-1] < (0.8 if "mnist1d" in name else 0.95) * losses[0], (name, losses[0], losses[-1])
+        info = O.registry.weights_info(name)
+        assert info["config"]["family"] in ("mlp", "deepset", "unf") and "task" in info["info"]
