@@ -283,7 +283,9 @@ def plot_curves(result: CompareResult, out: str | os.PathLike) -> Path:
         c = torch.tensor(curve)
         k = max(1, len(curve) // 200)  # smooth by a moving average of ~0.5% of the run
         smooth = torch.nn.functional.avg_pool1d(c[None, None], k, stride=1).flatten() if k > 1 else c
-        ax.plot(range(k, len(curve) + 1), smooth.numpy(), label=name)
+        lr = next((r["lr"] for r in result.rows if r["optimizer"] == name and r["T"] == result.steps[-1]), None)
+        label = f"{name} (tuned lr {lr:g})" if lr is not None else name
+        ax.plot(range(k, len(curve) + 1), smooth.numpy(), label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over seeds)")
