@@ -58,6 +58,7 @@ __all__ = [
     "count_terms",
     "enumerate_terms",
     "build_plan",
+    "reduction_tree",
 ]
 
 _LETTERS = string.ascii_lowercase + string.ascii_uppercase
@@ -373,6 +374,55 @@ class Plan:
         return "\n".join(lines)
 
 
+def reduction_tree(entries: Sequence[BasisEntry], specs: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]]
+                   ) -> tuple[list[Reduction], dict[int, int]]:
+    """Order the reductions ``specs[k] = (entry, struct, kept)`` so that each one is computed from the smallest
+    already-computed reduction of the same ``(entry, struct)`` that keeps a strict superset of its labels (or
+    from the diagonal view itself). Returns the reductions in execution order (parents first) and the map
+    ``k -> position``. Used for the input reductions of a plan and, with output patterns as structures, for
+    the sums of output gradients in :class:`unf.nn.UNFLinear`'s backward."""
+    by_base: dict[tuple, list[int]] = defaultdict(list)
+    for rid, (inp, struct, _) in enumerate(specs):
+        by_base[(inp, struct)].append(rid)
+    red_list: list[Reduction | None] = [None] * len(specs)
+    order: list[int] = []
+    for (inp, struct), rids in by_base.items():
+        e = entries[inp]
+        nb = max(struct, default=-1) + 1
+        bsize = [1] * nb
+        for lab, n in zip(struct, e.sizes):
+            bsize[lab] = n
+
+        def numel(kept: tuple[int, ...], bsize: list[int] = bsize) -> int:
+            out = 1
+            for b in kept:
+                out *= bsize[b]
+            return out
+
+        done: list[int] = []
+        for rid in sorted(rids, key=lambda r: (-len(specs[r][2]), specs[r][2])):
+            kept = specs[rid][2]
+            if len(kept) == nb:
+                parent, src_kept = None, tuple(range(nb))
+            else:
+                cands = [d for d in done if set(kept) < set(specs[d][2])]
+                if cands:
+                    parent = min(cands, key=lambda d: numel(specs[d][2]))
+                    src_kept = specs[parent][2]
+                else:
+                    parent, src_kept = None, tuple(range(nb))
+            mean_dims = tuple(2 + k for k, b in enumerate(src_kept) if b not in kept)
+            red_list[rid] = Reduction(rid, inp, struct, kept, parent, mean_dims)
+            done.append(rid)
+            order.append(rid)
+    # renumber so parents precede children
+    new_id = {old: new for new, old in enumerate(order)}
+    reductions = [Reduction(new_id[r.index], r.inp, r.struct, r.kept,
+                            None if r.parent is None else new_id[r.parent], r.mean_dims)
+                  for r in (red_list[o] for o in order)]
+    return reductions, new_id
+
+
 def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = None) -> Plan:
     """Group terms into shared reductions and per-(output entry, output pattern) mixing groups."""
     entries = tuple(entries)
@@ -401,46 +451,7 @@ def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = Non
         g = groups[gkey]
         term_group.append((g.index, len(g.parts)))
         g.parts.append((t.index, rid, perm))
-    # reductions from the smallest already-available superset with the same diagonal structure
-    by_base: dict[tuple, list[int]] = defaultdict(list)
-    for rid, (inp, struct, _) in enumerate(red_specs):
-        by_base[(inp, struct)].append(rid)
-    red_list: list[Reduction | None] = [None] * len(red_specs)
-    order: list[int] = []
-    for (inp, struct), rids in by_base.items():
-        e = entries[inp]
-        nb = max(struct, default=-1) + 1
-        bsize = [1] * nb
-        for lab, n in zip(struct, e.sizes):
-            bsize[lab] = n
-
-        def numel(kept: tuple[int, ...], bsize: list[int] = bsize) -> int:
-            out = 1
-            for b in kept:
-                out *= bsize[b]
-            return out
-
-        done: list[int] = []
-        for rid in sorted(rids, key=lambda r: (-len(red_specs[r][2]), red_specs[r][2])):
-            kept = red_specs[rid][2]
-            if len(kept) == nb:
-                parent, src_kept = None, tuple(range(nb))
-            else:
-                cands = [d for d in done if set(kept) < set(red_specs[d][2])]
-                if cands:
-                    parent = min(cands, key=lambda d: numel(red_specs[d][2]))
-                    src_kept = red_specs[parent][2]
-                else:
-                    parent, src_kept = None, tuple(range(nb))
-            mean_dims = tuple(2 + k for k, b in enumerate(src_kept) if b not in kept)
-            red_list[rid] = Reduction(rid, inp, struct, kept, parent, mean_dims)
-            done.append(rid)
-            order.append(rid)
-    # renumber so parents precede children
-    new_id = {old: new for new, old in enumerate(order)}
-    reductions = [Reduction(new_id[r.index], r.inp, r.struct, r.kept,
-                            None if r.parent is None else new_id[r.parent], r.mean_dims)
-                  for r in (red_list[o] for o in order)]
+    reductions, new_id = reduction_tree(entries, red_specs)
     glist = list(groups.values())
     mixes: dict[tuple, Mix] = {}
     for g in glist:

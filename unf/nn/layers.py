@@ -17,9 +17,10 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..spec import WeightSpaceSpec
-from .basis import Plan, build_plan, diagonal_ops, resolve_entries
+from .basis import Plan, build_plan, diagonal_ops, reduction_tree, resolve_entries
 from .features import WeightFeatures
 
 __all__ = [
@@ -62,6 +63,15 @@ class UNFLinear(nn.Module):
     from one ``(batch, sum C) @ (sum C, sum O)`` product). Broadcast writes are additions of broadcast views;
     diagonal writes add in place into a diagonal view of the output, so no full-size zero tensor is built.
 
+    Backward (:attr:`fused`, default): the whole plan is one autograd node. Its backward is the transposed
+    plan: the adjoint of every term is a term of the same kind with input and output swapped, so the output
+    gradient is summed per output pattern (shared hierarchically like the input reductions), each mix's
+    weight gradient is one matmul against the concatenated reductions saved in forward, the reductions'
+    gradients come from one matmul per mix with the transposed weight, and they flow back through the
+    reduction tree into the inputs. Under torch.func transforms (vmap, grad, functional_call inside them)
+    and torch.compile every op is recorded with autograd instead. Double backward is not supported on the
+    fused path (set ``layer.fused = False`` for it).
+
     Args:
         spec: the weight space.
         in_channels, out_channels: channels per weight.
@@ -80,6 +90,11 @@ class UNFLinear(nn.Module):
         init_scale: weights are ``N(0, init_scale^2 / fan_in)`` with ``fan_in = sum over the terms feeding an
             output entry of their input channels`` (``= in_channels * T_i``, as in the reference code).
     """
+
+    #: Run the plan as one autograd node with the hand-written transposed-plan backward (and, without
+    #: autograd, with in-place accumulation). ``False``: record every op with autograd (the path always
+    #: taken under torch.func transforms and torch.compile; same results up to rounding).
+    fused: bool = True
 
     def __init__(self, spec: WeightSpaceSpec, in_channels: int, out_channels: int, *, fixed: str = "relax",
                  exact_max_size: int = 16, relax_groups: str = "by_size", positional_encoding: bool = False,
@@ -143,6 +158,8 @@ class UNFLinear(nn.Module):
         self._mixes = []
         self._contrib_count = 0
         contrib_of: list[list[tuple[int, int]]] = [[] for _ in entries]  # per entry: (numel, contrib id)
+        kept_of: dict[int, frozenset[int]] = {}
+        numel_of: dict[int, int] = {}
         self._diag_writes: list[list[tuple[int, tuple, tuple]]] = [[] for _ in entries]
         self._row_offsets: list[list[int]] = []
         self._col_offsets: list[list[int]] = []
@@ -188,11 +205,102 @@ class UNFLinear(nn.Module):
                     self._diag_writes[grp.out].append((cid, ops, perm))
                 else:
                     contrib_of[grp.out].append((_prod(tail), cid))
+                    kept_of[cid] = frozenset(b for b, k in enumerate(grp.kept_mask) if k)
+                    numel_of[cid] = _prod(tail)
             self._mixes.append((parts, len(kept_sizes), tuple(rows), tuple(outs), m.index == self._bias_mix,
                                 f"_colscale{m.index}" if has_scale else None))
         # add small broadcast contributions first so that few full-size passes are made
         self._plain = [tuple(c for _, c in sorted(lst)) for lst in contrib_of]
+        # without autograd: add each broadcast contribution in place into the smallest other contribution
+        # that carries a strict superset of its blocks (e.g. [H] into [H, qk] before [H, qk] goes into the
+        # full [d, H, qk]), so that few full-size passes remain; the rest are summed largest first
+        self._nested: list[tuple[tuple[tuple[int, int], ...], tuple[int, ...]]] = []
+        for lst in contrib_of:
+            order = sorted(lst, key=lambda nc: (nc[0], len(kept_of[nc[1]])))
+            steps, rest = [], []
+            for k, (_, a) in enumerate(order):
+                sup = [b for _, b in order[k + 1:] if kept_of[a] < kept_of[b]]
+                dst = min(sup, key=lambda b: (numel_of[b], b), default=None)
+                if dst is None:
+                    rest.append(a)
+                else:
+                    steps.append((a, dst))
+            # the largest contributions' direct children go into the fresh sum instead of in place
+            roots = set(rest)
+            final = [a for a, d in steps if d in roots and len(roots) == 1]
+            steps = [(a, d) for a, d in steps if not (d in roots and len(roots) == 1)]
+            self._nested.append((tuple(steps), tuple(sorted(rest + final, key=lambda c: -numel_of[c]))))
         self._full_tail = [(cout[i],) + e.sizes for i, e in enumerate(entries)]
+
+        # ---- backward (the transposed plan): the gradient of every output pattern is a sum of the output's
+        # gradient over the pattern's broadcast blocks (on its diagonal for diagonal patterns), computed once
+        # per distinct pattern from the smallest already-computed superset, like the input reductions
+        gspecs: list[tuple[int, tuple[int, ...], tuple[int, ...]]] = []
+        gkey: dict[tuple, int] = {}
+        group_gspec: dict[int, int] = {}
+        for g, grp in enumerate(plan.groups):
+            key = (grp.out, grp.out_labels, tuple(b for b, k in enumerate(grp.kept_mask) if k))
+            group_gspec[g] = gkey.setdefault(key, len(gspecs))
+            if group_gspec[g] == len(gspecs):
+                gspecs.append(key)
+        greds, gnew = reduction_tree(entries, gspecs)
+        self._greds = []
+        for r in greds:
+            ops, perm = diagonal_ops(r.struct) if r.parent is None else ((), None)
+            if perm is not None and perm == tuple(range(len(perm))):
+                perm = None
+            self._greds.append((r.parent, r.inp, ops, perm, r.mean_dims))
+        red_tail = []
+        for r in plan.reductions:
+            bsize = {b: n for b, n in zip(r.struct, entries[r.inp].sizes)}
+            red_tail.append((cin[r.inp],) + tuple(bsize[b] for b in r.kept))
+        self._mix_back = []
+        for m, (parts, _nk, _rows, _outs, _hb, _sc) in zip(plan.mixes, self._mixes):
+            gids = tuple(gnew[group_gspec[g]] for g in m.groups)
+            pmeta = []
+            for rid, perm in parts:
+                tail = red_tail[rid]
+                if perm is None:
+                    pmeta.append((rid, tail[0], tail, None))
+                else:
+                    ptail = tuple(tail[d - 1] for d in perm[1:])
+                    inv = tuple(sorted(range(len(perm)), key=perm.__getitem__))
+                    pmeta.append((rid, tail[0], ptail, inv))
+            self._mix_back.append((gids, tuple(pmeta)))
+        # a reduction's gradient with its summed dims restored as size 1 (it broadcasts into its parent, or
+        # into the input's diagonal view for base reductions)
+        self._unsq: list[tuple[int, ...] | None] = []
+        for r, tail in zip(plan.reductions, red_tail):
+            if not r.mean_dims:
+                self._unsq.append(None)
+                continue
+            full = list(tail)
+            for d in r.mean_dims:
+                full.insert(d - 1, 1)
+            self._unsq.append(tuple(full))
+        self._scale_names = [sc for *_, sc in self._mixes]
+        # weight gradient sum_b gm_b @ c_b^T: bmm then a sum over the batch, or, where the (rows x cols) weight
+        # is large next to the kept size K, one mm over batch-major copies of gm and c
+        self._gw_mm = []
+        for (_, nk, rows, outs, _, _), (_, pmeta) in zip(self._mixes, self._mix_back):
+            R, C = sum(rows), sum(pm[1] for pm in pmeta)
+            K = _prod(outs[0][1][1:])
+            self._gw_mm.append(nk > 0 and R * C > 2 * (R + C) * K)
+        # broadcast additions with a short contiguous run (a broadcast block inside the entry's axes) as a
+        # small matmul against a 0/1 expansion matrix (see _add_into)
+        tail_of = {cid: tail for *_, outs, _, _ in self._mixes for cid, tail in outs}
+        self._expand_mats: dict[tuple, torch.Tensor] = {}
+        self._step_spec = []
+        for i, (steps, cids) in enumerate(self._nested):
+            st = tuple(_bcast_spec(tail_of[d], tail_of[a]) for a, d in steps)
+            if len(cids) > 2:  # the fresh sum of the largest and one child: take a child added directly best
+                rest = sorted(cids[1:], key=lambda c: _bcast_spec(self._full_tail[i], tail_of[c]) is not None)
+                cids = (cids[0],) + tuple(rest)
+                self._nested[i] = (steps, cids)
+            fin = tuple(_bcast_spec(self._full_tail[i], tail_of[c]) for c in cids)
+            self._step_spec.append((st, fin))
+        self._tree_spec = [None if r.parent is None or shape is None else _bcast_spec(red_tail[r.parent], shape)
+                           for r, shape in zip(plan.reductions, self._unsq)]
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -267,6 +375,30 @@ class UNFLinear(nn.Module):
             if order is not None:
                 t = t.permute(order)
             xs.append(t.reshape((B,) + tail))
+        weights, bias = list(self.mix_weights()), self.bias_vector()
+        if not self.fused or _under_transform():
+            # torch.func transforms (vmap, grad, ...) and torch.compile trace the plain autograd path
+            outs = self._run(xs, weights, bias, fast=False)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (*xs, *weights, bias) if t is not None):
+            outs = _UNFLinearFn.apply(self, len(xs), bias, *xs, *weights)
+        else:
+            outs = self._run(xs, weights, bias, fast=True)
+        out = {}
+        for i, name in enumerate(self.names):
+            acc = outs[i]
+            shape, inv = self._unfold_out[i]
+            if inv is not None:
+                acc = acc.reshape((B,) + shape).permute(inv)
+            out[name] = acc
+        return _wrap(x, self.spec, out)
+
+    def _run(self, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bias: torch.Tensor | None,
+             fast: bool, saved: list | None = None) -> list[torch.Tensor]:
+        """The plan's forward on the folded inputs ``(B, C_in', *perm sizes)``; outputs in the same layout.
+
+        ``fast``: no autograd is recording (in-place accumulation allowed); ``saved`` collects per mix the
+        ``(concatenated reductions, scaled weight)`` for :meth:`_backward`."""
+        B = xs[0].shape[0]
         red: list[torch.Tensor] = []
         for parent, inp, ops, perm, mean_dims in self._reds:
             if parent is None:
@@ -281,28 +413,56 @@ class UNFLinear(nn.Module):
                 t = t.sum(mean_dims)
             red.append(t)
         contrib: list[torch.Tensor | None] = [None] * self._contrib_count
-        weights, bias = self.mix_weights(), self.bias_vector()
+        if fast:  # one call scales every mix weight's columns by its reductions' 1/n
+            buf = self._buffers
+            idx = [mi for mi, n in enumerate(self._scale_names) if n is not None]
+            scaled = torch._foreach_mul([weights[mi] for mi in idx], [buf[self._scale_names[mi]] for mi in idx])
+            weights = list(weights)
+            for mi, w in zip(idx, scaled):
+                weights[mi] = w
         for mi, (parts, nk, rows, outs, has_bias, scale_name) in enumerate(self._mixes):
             ts = [red[r] if p is None else red[r].permute(p) for r, p in parts]
             c = ts[0] if len(ts) == 1 else torch.cat(ts, 1)
             w = weights[mi]
-            if scale_name is not None:
+            if scale_name is not None and not fast:
                 w = w * getattr(self, scale_name)
             if nk == 0:
                 m = torch.addmm(bias, c, w.t()) if has_bias else torch.mm(c, w.t())
             else:
                 # bmm on a stride-0 expanded weight: no transposed copies of the activations (matmul's 2-D @
                 # 3-D path folds the batch into rows and copies twice)
-                m = torch.bmm(w.expand(B, -1, -1), c.reshape(B, c.shape[1], -1))
+                if nk > 1:
+                    c = c.reshape(B, c.shape[1], -1)
+                if fast and c.shape[1] == 1:  # one input channel: an outer product, cheaper as a product
+                    m = w.view(1, -1, 1) * c
+                    w = w.expand(B, -1, -1)
+                else:
+                    w = w.expand(B, -1, -1)
+                    m = torch.bmm(w, c)
+            if saved is not None:
+                saved.append((c, w))
             pieces = m.split(rows, 1) if len(rows) > 1 else (m,)
             for piece, (cid, tail) in zip(pieces, outs):
                 contrib[cid] = piece.reshape((B,) + tail)
-        out = {}
-        for i, name in enumerate(self.names):
-            cids = self._plain[i]
+        out = []
+        for i in range(len(self.names)):
+            if fast:  # contributions are pieces of this call's matmul outputs: free to add into
+                steps, cids = self._nested[i]
+                st, fin = self._step_spec[i]
+                for (a, d), spec in zip(steps, st):
+                    self._add_into(contrib[d], contrib[a], spec)
+            else:
+                cids = self._plain[i]
             acc = contrib[cids[0]]
-            for cid in cids[1:]:
-                acc = acc + contrib[cid]
+            owned = False
+            for k in range(1, len(cids)):
+                t = contrib[cids[k]]
+                if fast and owned and t.dim() == acc.dim() and all(
+                        a >= b for a, b in zip(acc.shape, t.shape)):
+                    self._add_into(acc, t, fin[k] if acc.shape[1:] == self._full_tail[i] else None)
+                else:
+                    acc = acc + t
+                    owned = True
             if self._diag_writes[i]:
                 full = (B,) + self._full_tail[i]
                 if tuple(acc.shape) != full:  # only for degenerate specs; diagonal writes need a full tensor
@@ -312,15 +472,218 @@ class UNFLinear(nn.Module):
                     for d1, d2 in ops:
                         v = v.diagonal(0, d1, d2)
                     v.permute(perm).add_(contrib[cid])
-            shape, inv = self._unfold_out[i]
-            if inv is not None:
-                acc = acc.reshape((B,) + shape).permute(inv)
-            out[name] = acc
-        return _wrap(x, self.spec, out)
+            out.append(acc)
+        return out
+
+    def _add_into(self, dst: torch.Tensor, src: torch.Tensor, spec: tuple | None) -> None:
+        """``dst += src`` (``src`` broadcasts). With a ``spec`` from :func:`_bcast_spec` the trailing
+        ``(q,)`` block of ``src`` is expanded into the ``(Q,)`` block of ``dst`` by a matmul with a 0/1 matrix
+        (exact: one 1 per column), where TensorIterator would loop over short contiguous runs."""
+        if spec is None or src.shape[0] != dst.shape[0]:
+            dst.add_(src)
+            return
+        q, Q, key = spec
+        ck = (key, dst.dtype, dst.device)
+        E = self._expand_mats.get(ck)
+        if E is None:
+            src_t, dst_t = key
+            idx = torch.arange(q, device=dst.device).view(src_t).expand(dst_t).reshape(-1)
+            E = torch.zeros(q, Q, dtype=dst.dtype, device=dst.device)
+            E[idx, torch.arange(Q, device=dst.device)] = 1
+            self._expand_mats[ck] = E
+        if dst.is_contiguous():
+            dst.view(-1, Q).addmm_(src.reshape(-1, q), E)
+        elif dst[0].is_contiguous():  # a batch-strided piece of a matmul output
+            B = dst.shape[0]
+            dst.view(B, -1, Q).baddbmm_(src.reshape(B, -1, q), E.expand(B, q, Q))
+        else:
+            dst.add_(src)
+
+    def _backward(self, saved: list, grads: Sequence[torch.Tensor], need_x: Sequence[bool],
+                  need_w: Sequence[bool], need_b: bool
+                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], torch.Tensor | None]:
+        """The transposed plan: gradients of the folded inputs, the mix weights and the bias vector.
+
+        The adjoint of every term is a term of the same kind with input and output swapped: the output
+        gradient is summed over the broadcast blocks of each output pattern (shared hierarchically as the
+        input reductions are), one matmul per mix gives the gradients of the concatenated reductions and of
+        the weight, and each reduction's gradient is broadcast back into its parent (last into the input,
+        onto its diagonal for diagonal reductions)."""
+        B = grads[0].shape[0]
+        gr: list[torch.Tensor] = []
+        for parent, i, ops, perm, mean_dims in self._greds:
+            if parent is None:
+                t = grads[i]
+                for d1, d2 in ops:
+                    t = t.diagonal(0, d1, d2)
+                if perm is not None:
+                    t = t.permute(perm)
+            else:
+                t = gr[parent]
+            if mean_dims:
+                t = t.sum(mean_dims)
+            gr.append(t)
+        any_x = any(need_x)
+        gred: list[torch.Tensor | None] = [None] * len(self._reds)
+        permuted: set[int] = set()
+        gw: list[torch.Tensor | None] = [None] * len(self._mixes)
+        gb = None
+        for mi, ((_, nk, rows, _, has_bias, _), (gids, pmeta), (c, w)) in enumerate(
+                zip(self._mixes, self._mix_back, saved)):
+            if nk > 1:
+                gs = [gr[g].reshape(B, n, -1) for g, n in zip(gids, rows)]
+            else:  # (B, rows) or (B, rows, K) already
+                gs = [gr[g] for g in gids]
+            gm = gs[0] if len(gs) == 1 else torch.cat(gs, 1)
+            if has_bias and need_b:
+                gb = gm.sum(0)
+            if need_w[mi]:
+                if nk == 0:
+                    gw[mi] = torch.mm(gm.t(), c)
+                elif self._gw_mm[mi]:
+                    gw[mi] = torch.mm(gm.transpose(0, 1).reshape(gm.shape[1], -1),
+                                      c.transpose(0, 1).reshape(c.shape[1], -1).t())
+                else:
+                    gw[mi] = torch.bmm(gm, c.transpose(1, 2)).sum(0)
+            if any_x:
+                # w: the scaled weight (expanded over the batch for bmm)
+                if nk == 0:
+                    gc = torch.mm(gm, w)
+                elif gm.shape[1] == 1:  # one output row: an outer product
+                    gc = w[0].view(1, -1, 1) * gm
+                else:
+                    gc = torch.bmm(w.transpose(1, 2), gm)
+                pieces = gc.split([pm[1] for pm in pmeta], 1) if len(pmeta) > 1 else (gc,)
+                for piece, (rid, _, ptail, inv) in zip(pieces, pmeta):
+                    if not need_x[self._reds[rid][1]]:
+                        continue
+                    t = piece.reshape((B,) + ptail) if nk > 1 else piece
+                    g = gred[rid]
+                    if inv is not None:
+                        t = t.permute(inv)
+                        if g is None:
+                            permuted.add(rid)
+                    if g is None:
+                        gred[rid] = t
+                    elif rid in permuted and inv is None:
+                        # accumulate into a row-major piece: a transposed gradient slows every later pass
+                        gred[rid] = t.add_(g)
+                        permuted.discard(rid)
+                    else:
+                        g.add_(t)
+        idx = [mi for mi, n in enumerate(self._scale_names) if n is not None and gw[mi] is not None]
+        if idx:  # the reductions' 1/n, folded into the weights' columns in forward
+            buf = self._buffers
+            torch._foreach_mul_([gw[mi] for mi in idx], [buf[self._scale_names[mi]] for mi in idx])
+        gx: list[torch.Tensor | None] = [None] * len(self.names)
+        if any_x:
+            plain: list[list[torch.Tensor]] = [[] for _ in self.names]
+            diag: list[list[tuple[torch.Tensor, tuple, tuple | None]]] = [[] for _ in self.names]
+            for r in range(len(self._reds) - 1, -1, -1):
+                t = gred[r]
+                if t is None:
+                    continue
+                parent, inp, ops, perm, _ = self._reds[r]
+                shape = self._unsq[r]
+                if shape is not None:
+                    t = t.reshape((B,) + shape)
+                if parent is not None:
+                    g = gred[parent]
+                    if g is None:
+                        gred[parent] = t
+                    elif g.shape[1:] == t.shape[1:] or self._tree_spec[r] is None:
+                        gred[parent] = _accumulate(g, t)
+                    else:
+                        self._add_into(g, t, self._tree_spec[r])
+                elif ops:
+                    diag[inp].append((t, ops, perm))
+                else:
+                    plain[inp].append(t)
+            for i in range(len(self.names)):
+                if not need_x[i]:
+                    continue
+                full = (B,) + self._fold_in[i][1]
+                ts = sorted(plain[i], key=lambda t: t.numel())
+                acc = None
+                for t in ts:
+                    acc = _accumulate(acc, t)
+                if diag[i]:
+                    if acc is None:
+                        acc = grads[i].new_zeros(full)
+                    elif tuple(acc.shape) != full:
+                        acc = acc.expand(full).contiguous()
+                    for t, ops, perm in diag[i]:
+                        v = acc
+                        for d1, d2 in ops:
+                            v = v.diagonal(0, d1, d2)
+                        if perm is not None:
+                            v = v.permute(perm)
+                        v.add_(t)
+                if acc is None:
+                    acc = grads[i].new_zeros(full)
+                elif tuple(acc.shape) != full:
+                    acc = acc.expand(full)
+                elif acc.dim() > 2 and not acc[0].is_contiguous():
+                    # a transposed gradient makes the next ops (e.g. an activation's backward) many times slower
+                    acc = acc.contiguous()
+                gx[i] = acc
+        return gx, gw, gb
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"entries={len(self.names)}, terms={self.num_terms}, fixed={self.fixed!r}")
+
+
+def _under_transform() -> bool:
+    """Whether a torch.func transform or torch.compile is tracing (they take the plain autograd path)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None or torch.compiler.is_compiling()
+
+
+def _bcast_spec(dst_tail: Sequence[int], src_tail: Sequence[int]) -> tuple | None:
+    """How to add a ``(B, *src_tail)`` tensor into a ``(B, *dst_tail)`` one (tails: channels, then axes;
+    ``src_tail`` has 1 on broadcast axes): None for a plain broadcast add, else ``(q, Q, key)`` for
+    :meth:`UNFLinear._add_into`. A matmul pays off where the rows before the first broadcast axis are many and
+    the blocks from it on are short (the plain add's inner loop runs over a few elements only)."""
+    j = next((k for k in range(1, len(dst_tail)) if src_tail[k] == 1 and dst_tail[k] != 1), None)
+    if j is None:
+        return None
+    rows, Q, q = _prod(dst_tail[:j]), _prod(dst_tail[j:]), _prod(src_tail[j:])
+    if rows < 64 or q > 16 or Q > 512 or (q == 1 and Q >= 16):
+        return None
+    return q, Q, (tuple(src_tail[j:]), tuple(dst_tail[j:]))
+
+
+def _accumulate(acc: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """``acc + t`` in place where ``acc`` (a tensor the caller owns) already has the broadcast shape."""
+    if acc is None:
+        return t
+    if acc.dim() == t.dim() and all(a >= b for a, b in zip(acc.shape, t.shape)):
+        return acc.add_(t)
+    return acc + t
+
+
+class _UNFLinearFn(torch.autograd.Function):
+    """:meth:`UNFLinear._run` as one autograd node whose backward is the transposed plan
+    (:meth:`UNFLinear._backward`): no per-op autograd bookkeeping for the plan's many small ops."""
+
+    @staticmethod
+    def forward(ctx, layer: UNFLinear, n_x: int, bias: torch.Tensor | None, *tensors: torch.Tensor):
+        xs, weights = tensors[:n_x], tensors[n_x:]
+        saved: list = []
+        outs = layer._run(xs, weights, bias, fast=True, saved=saved)
+        ctx.layer, ctx.n_x = layer, n_x
+        ctx.save_for_backward(*(t for pair in saved for t in pair))
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: torch.Tensor):
+        layer, n_x = ctx.layer, ctx.n_x
+        need = ctx.needs_input_grad
+        flat = ctx.saved_tensors
+        saved = [(flat[k], flat[k + 1]) for k in range(0, len(flat), 2)]
+        gx, gw, gb = layer._backward(saved, grads, need[3:3 + n_x], need[3 + n_x:], need[2])
+        return (None, None, gb, *gx, *gw)
 
 
 class EntryActivation(nn.Module):
