@@ -9,7 +9,11 @@ the fast path vs the per-term reference of ``tests/test_nn_reference.py`` in the
 vocab 50257 and 1024
 positions fixed).
 
-    .venv/bin/python benchmarks/bench_unf.py [--threads 1] [--repeats 50] [--compile] [--gpt2-small]
+    .venv/bin/python benchmarks/bench_unf.py [--threads 1] [--repeats 50] [--compile] [--gpt2-small] [--ab]
+
+``--ab`` also times the fused path (one autograd node, hand-written backward; the default) against the plain
+autograd path (``UNFLinear.fused = False``, every op recorded) on the same model, in alternating blocks of
+steps (robust to a machine whose load drifts), and prints the ratio.
 """
 
 from __future__ import annotations
@@ -148,6 +152,37 @@ def bench_spec(label: str, spec: WeightSpaceSpec, repeats: int, compile_: bool, 
               f"{cmed:.2f} ms, min {cbest:.2f} ms (wall); median {ccpu:.2f} ms CPU")
 
 
+def set_fused(model, fused: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, UNFLinear):
+            m.fused = fused
+
+
+def ab_spec(label: str, spec: WeightSpaceSpec, repeats: int, block: int = 10) -> None:
+    """Fused vs plain autograd path, alternating blocks of ``block`` steps; per-step median CPU time."""
+    torch.manual_seed(0)
+    model = UNF(spec, [1, 16, 16, 1])
+    x = WeightFeatures.randn(spec, 8, 1).as_dict()
+    step = fwd_bwd(model, x)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for fused in (True, False):
+        set_fused(model, fused)
+        for _ in range(3):
+            step()
+    while len(times[True]) < repeats:
+        for fused in (True, False):
+            set_fused(model, fused)
+            step()  # first step after the switch: warm the allocator for this path
+            for _ in range(block):
+                c = time.process_time()
+                step()
+                times[fused].append((time.process_time() - c) * 1e3)
+    set_fused(model, True)
+    new, old = statistics.median(times[True]), statistics.median(times[False])
+    print(f"[{label}] A/B fwd+bwd (median CPU ms over {len(times[True])} steps each, blocks of {block}): fused "
+          f"{new:.2f}, plain autograd {old:.2f} -> ratio {new / old:.3f}")
+
+
 def bench_gpt2_small(backward: bool) -> None:
     spec = gpt2_small_spec()
     n_weights = sum(int(torch.tensor(e.shape).prod()) for e in spec.entries)
@@ -187,6 +222,8 @@ def main() -> None:
     ap.add_argument("--gpt2-backward", action="store_true")
     ap.add_argument("--default-malloc", action="store_true",
                     help="do not tune glibc malloc (see tune_malloc)")
+    ap.add_argument("--ab", action="store_true",
+                    help="also time the fused path against the plain autograd path (UNFLinear.fused=False)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tuned = False if args.default_malloc else tune_malloc()
@@ -195,6 +232,9 @@ def main() -> None:
     bench_spec("mlp 64-32-10", mlp_spec(), args.repeats, args.compile, not args.no_reference)
     bench_spec("transformer 2 blocks", transformer_spec(), max(5, args.repeats // 5), args.compile,
                not args.no_reference)
+    if args.ab:
+        ab_spec("mlp 64-32-10", mlp_spec(), 2 * args.repeats)
+        ab_spec("transformer 2 blocks", transformer_spec(), max(20, args.repeats // 2))
     if args.gpt2_small:
         bench_gpt2_small(args.gpt2_backward)
 

@@ -74,8 +74,8 @@ def test_fused_gradcheck(name: str) -> None:
 
 def test_broadcast_matmul_path_matches_reference() -> None:
     """Sizes where broadcast additions go through the 0/1 expansion matmul (forward and backward)."""
-    spec = WeightSpaceSpec.from_axes({"q": [("d", 8), ("H", 4), ("k", 3)], "o": [("H", 4), ("k", 3), ("d", 8)],
-                                      "g": [("d", 8)], "e": [(None, 5), ("d", 8)]})
+    spec = WeightSpaceSpec.from_axes({"q": [("d", 16), ("H", 8), ("k", 8)], "o": [("H", 8), ("k", 8), ("d", 16)],
+                                      "g": [("d", 16)], "e": [(None, 5), ("d", 16)]})
     gen = torch.Generator().manual_seed(0)
     layer = UNFLinear(spec, 8, 8, dtype=F64)
     assert any(s is not None for st, fin in layer._step_spec for s in st + fin)

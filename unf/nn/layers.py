@@ -301,6 +301,35 @@ class UNFLinear(nn.Module):
             self._step_spec.append((st, fin))
         self._tree_spec = [None if r.parent is None or shape is None else _bcast_spec(red_tail[r.parent], shape)
                            for r, shape in zip(plan.reductions, self._unsq)]
+        self._scaled = [mi for mi, n in enumerate(self._scale_names) if n is not None]
+        # without autograd, a mix whose every group is an entry's largest contribution starts from the sum of
+        # that entry's smaller contributions and lets its matmul accumulate onto it (baddbmm): one full-size
+        # write fewer and no fresh sum. Mixes run by number of kept blocks, so those are ready first.
+        self._mix_order = sorted(range(len(self._mixes)), key=lambda mi: self._mixes[mi][1])
+        self._prefill: list[tuple | None] = []
+        self._prefilled = [False] * len(entries)
+        for mi, (parts, nk, _, outs, _, _) in enumerate(self._mixes):
+            ok = nk > 0 and sum(cin[plan.reductions[rid].inp] for rid, _ in parts) > 1
+            groups = []
+            for g, (cid, tail) in zip(plan.mixes[mi].groups, outs):
+                i = plan.groups[g].out
+                cids = self._nested[i][1]
+                ok = ok and not plan.groups[g].is_diagonal and cids[0] == cid and len(cids) > 1 and (
+                    tail == self._full_tail[i])
+                groups.append((i, cid))
+            self._prefill.append(tuple(groups) if ok else None)
+            if ok:
+                for i, _ in groups:
+                    self._prefilled[i] = True
+        # per mix for backward: (nk, rows, has_bias, group grads, split sizes, parts (rid, entry, tail, inv), mm)
+        self._bmix = tuple(
+            (nk, rows, has_bias, gids, [pm[1] for pm in pmeta] if len(pmeta) > 1 else None,
+             tuple((rid, plan.reductions[rid].inp, ptail, inv) for rid, _, ptail, inv in pmeta), gw_mm)
+            for (_, nk, rows, _, has_bias, _), (gids, pmeta), gw_mm in zip(self._mixes, self._mix_back,
+                                                                         self._gw_mm))
+        # reductions in reverse order for the backward tree
+        self._btree = tuple((r, red[0], red[1], red[2], red[3], self._unsq[r], self._tree_spec[r])
+                            for r, red in reversed(list(enumerate(self._reds))))
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -414,18 +443,21 @@ class UNFLinear(nn.Module):
             red.append(t)
         contrib: list[torch.Tensor | None] = [None] * self._contrib_count
         if fast:  # one call scales every mix weight's columns by its reductions' 1/n
-            buf = self._buffers
-            idx = [mi for mi, n in enumerate(self._scale_names) if n is not None]
-            scaled = torch._foreach_mul([weights[mi] for mi in idx], [buf[self._scale_names[mi]] for mi in idx])
+            buf, names, idx = self._buffers, self._scale_names, self._scaled
+            scaled = torch._foreach_mul([weights[mi] for mi in idx], [buf[names[mi]] for mi in idx])
             weights = list(weights)
             for mi, w in zip(idx, scaled):
                 weights[mi] = w
-        for mi, (parts, nk, rows, outs, has_bias, scale_name) in enumerate(self._mixes):
+        if saved is not None:
+            saved.extend([None] * len(self._mixes))
+        for mi in self._mix_order if fast else range(len(self._mixes)):
+            parts, nk, rows, outs, has_bias, scale_name = self._mixes[mi]
             ts = [red[r] if p is None else red[r].permute(p) for r, p in parts]
             c = ts[0] if len(ts) == 1 else torch.cat(ts, 1)
             w = weights[mi]
             if scale_name is not None and not fast:
                 w = w * getattr(self, scale_name)
+            pre = self._prefill[mi] if fast else None
             if nk == 0:
                 m = torch.addmm(bias, c, w.t()) if has_bias else torch.mm(c, w.t())
             else:
@@ -436,17 +468,26 @@ class UNFLinear(nn.Module):
                 if fast and c.shape[1] == 1:  # one input channel: an outer product, cheaper as a product
                     m = w.view(1, -1, 1) * c
                     w = w.expand(B, -1, -1)
+                elif pre is not None:
+                    m = c.new_empty((B, sum(rows), c.shape[2]))
+                    pieces = m.split(rows, 1) if len(rows) > 1 else (m,)
+                    for piece, (i, _) in zip(pieces, pre):
+                        self._prefill_sum(piece.view((B,) + self._full_tail[i]), contrib, i)
+                    w = w.expand(B, -1, -1)
+                    m.baddbmm_(w, c)
                 else:
                     w = w.expand(B, -1, -1)
                     m = torch.bmm(w, c)
             if saved is not None:
-                saved.append((c, w))
+                saved[mi] = (c, w)
             pieces = m.split(rows, 1) if len(rows) > 1 else (m,)
             for piece, (cid, tail) in zip(pieces, outs):
                 contrib[cid] = piece.reshape((B,) + tail)
         out = []
         for i in range(len(self.names)):
-            if fast:  # contributions are pieces of this call's matmul outputs: free to add into
+            if fast and self._prefilled[i]:  # already summed into the largest contribution
+                cids = self._nested[i][1][:1]
+            elif fast:  # contributions are pieces of this call's matmul outputs: free to add into
                 steps, cids = self._nested[i]
                 st, fin = self._step_spec[i]
                 for (a, d), spec in zip(steps, st):
@@ -474,6 +515,19 @@ class UNFLinear(nn.Module):
                     v.permute(perm).add_(contrib[cid])
             out.append(acc)
         return out
+
+    def _prefill_sum(self, dst: torch.Tensor, contrib: list, i: int) -> None:
+        """Write the sum of entry ``i``'s contributions but the largest into ``dst`` (full size)."""
+        steps, cids = self._nested[i]
+        st, fin = self._step_spec[i]
+        for (a, d), spec in zip(steps, st):
+            self._add_into(contrib[d], contrib[a], spec)
+        if len(cids) == 2:
+            dst.copy_(contrib[cids[1]])
+            return
+        torch.add(contrib[cids[1]], contrib[cids[2]], out=dst)
+        for k in range(3, len(cids)):
+            self._add_into(dst, contrib[cids[k]], fin[k])
 
     def _add_into(self, dst: torch.Tensor, src: torch.Tensor, spec: tuple | None) -> None:
         """``dst += src`` (``src`` broadcasts). With a ``spec`` from :func:`_bcast_spec` the trailing
@@ -528,8 +582,7 @@ class UNFLinear(nn.Module):
         permuted: set[int] = set()
         gw: list[torch.Tensor | None] = [None] * len(self._mixes)
         gb = None
-        for mi, ((_, nk, rows, _, has_bias, _), (gids, pmeta), (c, w)) in enumerate(
-                zip(self._mixes, self._mix_back, saved)):
+        for mi, ((nk, rows, has_bias, gids, splits, parts, gw_mm), (c, w)) in enumerate(zip(self._bmix, saved)):
             if nk > 1:
                 gs = [gr[g].reshape(B, n, -1) for g, n in zip(gids, rows)]
             else:  # (B, rows) or (B, rows, K) already
@@ -540,7 +593,7 @@ class UNFLinear(nn.Module):
             if need_w[mi]:
                 if nk == 0:
                     gw[mi] = torch.mm(gm.t(), c)
-                elif self._gw_mm[mi]:
+                elif gw_mm:
                     gw[mi] = torch.mm(gm.transpose(0, 1).reshape(gm.shape[1], -1),
                                       c.transpose(0, 1).reshape(c.shape[1], -1).t())
                 else:
@@ -553,9 +606,9 @@ class UNFLinear(nn.Module):
                     gc = w[0].view(1, -1, 1) * gm
                 else:
                     gc = torch.bmm(w.transpose(1, 2), gm)
-                pieces = gc.split([pm[1] for pm in pmeta], 1) if len(pmeta) > 1 else (gc,)
-                for piece, (rid, _, ptail, inv) in zip(pieces, pmeta):
-                    if not need_x[self._reds[rid][1]]:
+                pieces = gc.split(splits, 1) if splits is not None else (gc,)
+                for piece, (rid, inp, ptail, inv) in zip(pieces, parts):
+                    if not need_x[inp]:
                         continue
                     t = piece.reshape((B,) + ptail) if nk > 1 else piece
                     g = gred[rid]
@@ -565,36 +618,34 @@ class UNFLinear(nn.Module):
                             permuted.add(rid)
                     if g is None:
                         gred[rid] = t
-                    elif rid in permuted and inv is None:
+                    elif inv is None and rid in permuted:
                         # accumulate into a row-major piece: a transposed gradient slows every later pass
                         gred[rid] = t.add_(g)
                         permuted.discard(rid)
                     else:
                         g.add_(t)
-        idx = [mi for mi, n in enumerate(self._scale_names) if n is not None and gw[mi] is not None]
+        idx = [mi for mi in self._scaled if gw[mi] is not None]
         if idx:  # the reductions' 1/n, folded into the weights' columns in forward
-            buf = self._buffers
-            torch._foreach_mul_([gw[mi] for mi in idx], [buf[self._scale_names[mi]] for mi in idx])
+            buf, names = self._buffers, self._scale_names
+            torch._foreach_mul_([gw[mi] for mi in idx], [buf[names[mi]] for mi in idx])
         gx: list[torch.Tensor | None] = [None] * len(self.names)
         if any_x:
             plain: list[list[torch.Tensor]] = [[] for _ in self.names]
             diag: list[list[tuple[torch.Tensor, tuple, tuple | None]]] = [[] for _ in self.names]
-            for r in range(len(self._reds) - 1, -1, -1):
+            for r, parent, inp, ops, perm, shape, spec in self._btree:
                 t = gred[r]
                 if t is None:
                     continue
-                parent, inp, ops, perm, _ = self._reds[r]
-                shape = self._unsq[r]
                 if shape is not None:
                     t = t.reshape((B,) + shape)
                 if parent is not None:
                     g = gred[parent]
                     if g is None:
                         gred[parent] = t
-                    elif g.shape[1:] == t.shape[1:] or self._tree_spec[r] is None:
+                    elif spec is None or g.shape[1:] == t.shape[1:]:
                         gred[parent] = _accumulate(g, t)
                     else:
-                        self._add_into(g, t, self._tree_spec[r])
+                        self._add_into(g, t, spec)
                 elif ops:
                     diag[inp].append((t, ops, perm))
                 else:
@@ -648,7 +699,7 @@ def _bcast_spec(dst_tail: Sequence[int], src_tail: Sequence[int]) -> tuple | Non
     if j is None:
         return None
     rows, Q, q = _prod(dst_tail[:j]), _prod(dst_tail[j:]), _prod(src_tail[j:])
-    if rows < 64 or q > 16 or Q > 512 or (q == 1 and Q >= 16):
+    if rows < 64 or rows * Q < 8192 or q > 16 or Q > 512 or (q == 1 and Q >= 16):
         return None
     return q, Q, (tuple(src_tail[j:]), tuple(dst_tail[j:]))
 
