@@ -248,11 +248,18 @@ def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.Pat
 
 
 def _cached(cache_dir: str | os.PathLike | None, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` once per key; a key ending in ``-T<horizon>`` also reuses a longer run's curves (sliced)."""
     if cache_dir is None:
         return compute()
     path = Path(cache_dir) / f"{key}.pt"
     if path.exists():
         return torch.load(path)
+    prefix, _, horizon = key.rpartition("-T")
+    longer = sorted((int(p.stem.rpartition("-T")[2]), p) for p in Path(cache_dir).glob(f"{prefix}-T*.pt")
+                    if p.stem.rpartition("-T")[0] == prefix and p.stem.rpartition("-T")[2].isdigit()
+                    and int(p.stem.rpartition("-T")[2]) >= int(horizon))
+    if longer:  # constant learning rates: the first T steps of a longer run are a T-step run
+        return torch.load(longer[0][1])[..., : int(horizon)]
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

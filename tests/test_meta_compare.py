@@ -91,6 +91,10 @@ def test_compare_tunes_on_the_grid_and_the_cli_writes_table_and_plot(task, tmp_p
     again = compare(task, {}, steps=(60, 80), seeds=[0, 1], grids={"adam": (1e-3, 1e-2), "sgdm": (1e-2,)},
                     progress=False, cache_dir=tmp_path / "cache")  # from the cache: identical numbers
     assert [r for r in again.rows if r["optimizer"] == "adam"] == adam
+    shorter = compare(task, {}, steps=(60,), seeds=[0, 1], grids={"adam": (1e-3, 1e-2), "sgdm": (1e-2,)},
+                      progress=False, cache_dir=tmp_path / "cache")  # a prefix of the cached 80-step curves
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    assert [r for r in shorter.rows if r["optimizer"] == "adam"] == [r for r in adam if r["T"] == 60]
 
     from unf.cli import main
 
