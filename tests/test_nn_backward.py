@@ -12,6 +12,7 @@ from unf.nn import UNF, UNFLinear, WeightFeatures
 from unf.nn.roles import RoleUNFLinear
 from unf.spec import WeightSpaceSpec
 
+from .test_nn_layers import gradcheck_layer
 from .test_nn_reference import SPECS, _randomize, reference_unf_linear, rel_err, single_thread  # noqa: F401
 
 F64 = torch.float64
@@ -58,18 +59,7 @@ def test_fused_gradcheck(name: str) -> None:
     torch.manual_seed(0)
     layer = UNFLinear(spec, 1, 2, dtype=F64, positional_encoding=True, fixed="auto", exact_max_size=2)
     _randomize(layer, torch.Generator().manual_seed(1))
-    x = WeightFeatures.randn(spec, 2, 1, dtype=F64)
-    names = list(x)
-    pnames = [n for n, _ in layer.named_parameters()]
-
-    def fn(*args):
-        feats = dict(zip(names, args[:len(names)]))
-        out = torch.func.functional_call(layer, dict(zip(pnames, args[len(names):])), (feats,))
-        return tuple(out[n] for n in names)
-
-    inputs = tuple(x[n].clone().requires_grad_() for n in names) + tuple(
-        p.detach().clone().requires_grad_() for p in layer.parameters())
-    assert torch.autograd.gradcheck(fn, inputs)
+    assert gradcheck_layer(layer, WeightFeatures.randn(spec, 2, 1, dtype=F64))
 
 
 def test_broadcast_matmul_path_matches_reference() -> None:

@@ -76,7 +76,11 @@ def test_gradcheck_tiny_spec() -> None:
     spec = WeightSpaceSpec.from_axes({"W": [("h", 2), ("h", 2)], "b": [("h", 2)], "v": [(None, 2), ("h", 2)]})
     torch.manual_seed(0)
     layer = UNFLinear(spec, 2, 2, dtype=F64, positional_encoding=True, fixed="auto", exact_max_size=1)
-    x = WeightFeatures.randn(spec, 2, 2, dtype=F64)
+    assert gradcheck_layer(layer, WeightFeatures.randn(spec, 2, 2, dtype=F64))
+
+
+def gradcheck_layer(layer: torch.nn.Module, x) -> bool:
+    """``torch.autograd.gradcheck`` of ``layer`` in its inputs and every parameter at once."""
     names = list(x)
     pnames = [n for n, _ in layer.named_parameters()]
 
@@ -87,7 +91,7 @@ def test_gradcheck_tiny_spec() -> None:
 
     inputs = tuple(x[n].clone().requires_grad_() for n in names) + tuple(
         p.detach().clone().requires_grad_() for p in layer.parameters())
-    assert torch.autograd.gradcheck(fn, inputs)
+    return torch.autograd.gradcheck(fn, inputs)
 
 
 def test_init_keeps_activations_order_one() -> None:

@@ -50,6 +50,25 @@ def _prod(xs: Sequence[int]) -> int:
     return out
 
 
+def _reduce_tree(xs: Sequence[torch.Tensor], reds: Sequence[tuple]) -> list[torch.Tensor]:
+    """Run a reduction tree: each ``(parent, input, diagonal ops, permutation, summed dims)`` step starts from the
+    diagonal view of an input (``parent is None``) or from an earlier step's result, then sums ``dims``."""
+    out: list[torch.Tensor] = []
+    for parent, inp, ops, perm, mean_dims in reds:
+        if parent is None:
+            t = xs[inp]
+            for d1, d2 in ops:
+                t = t.diagonal(0, d1, d2)
+            if perm is not None:
+                t = t.permute(perm)
+        else:
+            t = out[parent]
+        if mean_dims:
+            t = t.sum(mean_dims)
+        out.append(t)
+    return out
+
+
 class UNFLinear(nn.Module):
     """The UNF equivariant linear layer over all entries of ``spec``.
 
@@ -428,19 +447,7 @@ class UNFLinear(nn.Module):
         ``fast``: no autograd is recording (in-place accumulation allowed); ``saved`` collects per mix the
         ``(concatenated reductions, scaled weight)`` for :meth:`_backward`."""
         B = xs[0].shape[0]
-        red: list[torch.Tensor] = []
-        for parent, inp, ops, perm, mean_dims in self._reds:
-            if parent is None:
-                t = xs[inp]
-                for d1, d2 in ops:
-                    t = t.diagonal(0, d1, d2)
-                if perm is not None:
-                    t = t.permute(perm)
-            else:
-                t = red[parent]
-            if mean_dims:
-                t = t.sum(mean_dims)
-            red.append(t)
+        red = _reduce_tree(xs, self._reds)
         contrib: list[torch.Tensor | None] = [None] * self._contrib_count
         if fast:  # one call scales every mix weight's columns by its reductions' 1/n
             buf, names, idx = self._buffers, self._scale_names, self._scaled
@@ -564,19 +571,7 @@ class UNFLinear(nn.Module):
         the weight, and each reduction's gradient is broadcast back into its parent (last into the input,
         onto its diagonal for diagonal reductions)."""
         B = grads[0].shape[0]
-        gr: list[torch.Tensor] = []
-        for parent, i, ops, perm, mean_dims in self._greds:
-            if parent is None:
-                t = grads[i]
-                for d1, d2 in ops:
-                    t = t.diagonal(0, d1, d2)
-                if perm is not None:
-                    t = t.permute(perm)
-            else:
-                t = gr[parent]
-            if mean_dims:
-                t = t.sum(mean_dims)
-            gr.append(t)
+        gr = _reduce_tree(grads, self._greds)
         any_x = any(need_x)
         gred: list[torch.Tensor | None] = [None] * len(self._reds)
         permuted: set[int] = set()
