@@ -269,13 +269,10 @@ def _cached(cache_dir: str | os.PathLike | None, key: str, compute: Callable[[],
 
 
 def _weights_path(name: str | os.PathLike) -> Path:
-    path = Path(name)
-    if path.suffix:
-        return path
-    shipped = O.registry.WEIGHTS_DIR / f"{name}.safetensors"
-    if not shipped.exists():
-        raise ValueError(f"no optimizer weights {name!r}: give a .safetensors path or one of {O.available()}")
-    return shipped
+    try:
+        return O.registry._resolve(name)  # the registry's one rule: a path, or a shipped name
+    except KeyError as e:
+        raise ValueError(e.args[0]) from e  # shown by the CLI as a plain error, not a traceback
 
 
 def plot_curves(result: CompareResult, out: str | os.PathLike) -> Path:

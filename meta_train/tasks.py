@@ -273,8 +273,10 @@ class Task:
         return {k: v.to(self.device) for k, v in params.items()}
 
     def sample_batch(self, generator: torch.Generator | None = None, split: str = "train") -> Batch:
-        """One ``(inputs, targets)`` batch of :attr:`batch_size` from ``split`` (``"train"`` or held-out)."""
-        raise NotImplementedError
+        """One ``(inputs, targets)`` batch of :attr:`batch_size` from ``split`` (``"train"`` or held-out).
+
+        Abstract: every task kind (classification, language model) samples from its own data."""
+        raise NotImplementedError(f"{type(self).__name__} must implement sample_batch")
 
     def apply(self, params: Mapping[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         """The model's output (logits) with ``params`` substituted for its parameters."""
