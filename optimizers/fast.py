@@ -102,27 +102,34 @@ def _mlp_forward(f: PerParamMLP, feats: _Features, n: int, workspace: dict, emit
         emit(s, e, _linear(linears[-1], h, bufs[-1][: e - s])[:, 0])
 
 
-def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, workspace: dict, emit) -> None:
+def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, workspace: dict, emit,
+                     feature_sums: torch.Tensor | None = None) -> None:
+    """``feature_sums``: the features' per-segment sums if the caller has them (else one extra pass)."""
     device = feats.param.device
     layers = [*f.layers, f.out]
-    # pooled context of the first layer: segment means of the features (one extra pass); later layers get theirs
-    # accumulated while the previous layer's output is produced
-    sums = torch.zeros(seg.n, layers[0].elem.in_features, device=device)
-    for s in range(0, n, CHUNK):
-        e = min(n, s + CHUNK)
-        _segment_sum_(sums, feats(s, e), s, e, seg)
+    # pooled context of the first layer: segment means of the features; later layers get theirs accumulated
+    # while the previous layer's output is produced
+    sums = feature_sums
+    if sums is None:
+        sums = torch.zeros(seg.n, layers[0].elem.in_features, device=device)
+        for s in range(0, n, CHUNK):
+            e = min(n, s + CHUNK)
+            _segment_sum_(sums, feats(s, e), s, e, seg)
     prev = None  # (n, width) activations of the previous layer, or None for the features
     for depth, layer in enumerate(layers):
         last = depth == len(layers) - 1
+        # per segment: pooled context plus the element-wise bias, added by the matmul itself (addmm)
         context = layer.pool(sums / seg.counts[:, None])  # (T, width_out)
+        if layer.elem.bias is not None:
+            context = context + layer.elem.bias
         width = layer.elem.out_features
         target = _buffer(workspace, ("deepset", depth), CHUNK if last else n, width, device)
         next_sums = None if last else torch.zeros(seg.n, width, device=device)
         for s in range(0, n, CHUNK):
             e = min(n, s + CHUNK)
             x = feats(s, e) if prev is None else prev[s:e]
-            block = _linear(layer.elem, x, target[: e - s] if last else target[s:e])
-            block.add_(_per_element(context, s, e, seg))
+            block = torch.addmm(_per_element(context, s, e, seg), x, layer.elem.weight.T,
+                                out=target[: e - s] if last else target[s:e])
             if last:
                 emit(s, e, block[:, 0])
             else:
@@ -130,7 +137,8 @@ def _deepset_forward(f: DeepSet, feats: _Features, n: int, seg: Segments, worksp
         prev, sums = target, next_sums
 
 
-def _unf_forward(f, feats: _Features, n: int, seg: Segments, workspace: dict, emit) -> None:
+def _unf_forward(f, feats: _Features, n: int, seg: Segments, workspace: dict, emit,
+                 feature_sums: torch.Tensor | None = None) -> None:
     """UNF family: the chunked DeepSet pass (keeping its read-out), then the UNF read-out over the spec entries
     from the last hidden layer's (n, hidden) activations, which the DeepSet pass leaves in the workspace."""
     device = feats.param.device
@@ -139,9 +147,9 @@ def _unf_forward(f, feats: _Features, n: int, seg: Segments, workspace: dict, em
     def keep(s: int, e: int, learned: torch.Tensor) -> None:
         ds_out[s:e] = learned
 
-    _deepset_forward(f.deepset, feats, n, seg, workspace, keep)
+    _deepset_forward(f.deepset, feats, n, seg, workspace, keep, feature_sums)
     hidden = workspace[("deepset", len(f.deepset.layers) - 1)]
-    learned = ds_out.add_(f.unf_readout(hidden))
+    learned = ds_out.add_(f.unf_readout(hidden, project_first=True, workspace=workspace))
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
         emit(s, e, learned[s:e])
@@ -164,6 +172,7 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
     decays = rule.decays()[:, None]
     # pass 1: momenta in place, and the per-segment mean squares that normalise the features
     sq = torch.zeros(segments.n, N_TENSOR_FEATURES, device=device)
+    raw_sums = torch.zeros(segments.n, N_TENSOR_FEATURES, device=device)
     feats = _Features(param, grad, ok, momenta, state.step, segments, sq)
     for s in range(0, n, CHUNK):
         e = min(n, s + CHUNK)
@@ -172,7 +181,11 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
         block.copy_(torch.where(keep, torch.mul(block, decays).add_(g), block))  # as SGD: mul, then add
         raw = feats.raw(s, e)
         _segment_sum_(sq, (raw * raw).T, s, e, segments)
+        _segment_sum_(raw_sums, raw.T, s, e, segments)
     feats.scale = torch.rsqrt(sq / segments.counts[:, None] + _EPS)
+    # the features' segment sums (the first DeepSet layer's pooling) without another pass: the scale is constant
+    # per segment, and the step encoding is shared by every element
+    feature_sums = torch.cat([raw_sums * feats.scale, segments.counts[:, None] * feats.step_feats], 1)
     # pass 2: f on feature chunks; each output chunk immediately becomes a parameter update
     new_param = torch.empty_like(param)
     step_size = -(lr * rule.alpha)
@@ -184,9 +197,9 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
         torch.where(ok[s:e] & torch.isfinite(updated), updated, param[s:e], out=new_param[s:e])
 
     if isinstance(rule.f, DeepSet):
-        _deepset_forward(rule.f, feats, n, segments, workspace, emit)
+        _deepset_forward(rule.f, feats, n, segments, workspace, emit, feature_sums)
     elif hasattr(rule.f, "unf_readout"):
-        _unf_forward(rule.f, feats, n, segments, workspace, emit)
+        _unf_forward(rule.f, feats, n, segments, workspace, emit, feature_sums)
     else:
         _mlp_forward(rule.f, feats, n, workspace, emit)
     skipped = ~finite if active is None else active & ~finite

@@ -127,8 +127,23 @@ class UNFFamily(nn.Module):
         h = self.deepset.hidden(features, segments)  # (N, hidden)
         return self.deepset.out(h, segments).squeeze(-1) + self.unf_readout(h)
 
-    def unf_readout(self, h: torch.Tensor) -> torch.Tensor:
-        """The UNF layer's (N,) output from per-element hidden activations ``h`` (N, hidden)."""
+    def unf_readout(self, h: torch.Tensor, project_first: bool = False, workspace: dict | None = None
+                    ) -> torch.Tensor:
+        """The UNF layer's (N,) output from per-element hidden activations ``h`` (N, hidden).
+
+        ``project_first``: evaluate the layer by :meth:`unf.nn.UNFLinear.forward_rows` (each term's coefficient
+        before its reduction, reading ``h`` channels-last; faster for large models, see there), with its buffers
+        kept in ``workspace``."""
+        if project_first:
+            rows = {}
+            for name, index in self._index.items():
+                if name in self._slices:
+                    start, n = self._slices[name]
+                    rows[name] = h[start:start + n]
+                else:
+                    rows[name] = h[index.reshape(-1).to(h.device)]
+            out = self.head.forward_rows(rows, workspace)
+            return self._flat_output(out)
         # channels-first entries: the UNF layer's reductions run over contiguous entry axes (5x faster than
         # reducing a channels-last view)
         ht = h.T.contiguous()
@@ -139,11 +154,15 @@ class UNFFamily(nn.Module):
                 entries[name] = ht[:, start:start + n].view(1, ht.shape[0], *index.shape)
             else:
                 entries[name] = ht[:, index.to(h.device)].unsqueeze(0)
-        out = self.head(entries)
+        return self._flat_output(self.head(entries))
+
+    def _flat_output(self, out) -> torch.Tensor:
+        """The 1-channel outputs per entry as one (N,) vector in the flat parameter layout."""
         if self._tiling is not None:
             return torch.cat([out[name].reshape(-1) for name in self._tiling])
         # entries partition the parameters: one gather puts every output element back at its flat position
-        return torch.cat([out[name].reshape(-1) for name in self._index])[self._gather.to(h.device)]
+        gather = self._gather.to(out[self.spec.entries[0].name].device)
+        return torch.cat([out[name].reshape(-1) for name in self._index])[gather]
 
     # ------------------------------------------------------------------ transfer
     def transfer(self, spec: WeightSpaceSpec) -> UNFFamily:

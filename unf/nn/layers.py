@@ -440,6 +440,123 @@ class UNFLinear(nn.Module):
             out[name] = acc
         return _wrap(x, self.spec, out)
 
+    def forward_rows(self, rows: Mapping[str, torch.Tensor], workspace: dict | None = None
+                     ) -> dict[str, torch.Tensor]:
+        """The layer on one sample given channels-last: ``rows[name]`` is ``(numel, in_channels)`` (the entry's
+        elements in row-major order); returns ``name -> (out_channels, *entry shape)``.
+
+        Project first, then reduce: every term's coefficient is applied to its input entry before the term's
+        reduction (both are linear, so the result equals :meth:`forward` up to rounding). One matmul per entry
+        projects its ``in_channels`` onto one ``out_channels`` slot per term reading it, and each term then
+        reduces only its own slot. This beats the reduce-then-mix plan when ``out_channels`` times the terms per
+        entry is below ``in_channels`` times the reductions per entry, and the big entries have small fixed axes
+        (reductions over short trailing axes are slow): the learned optimizer's 1-channel read-out over a CNN is
+        ~4x faster this way. It also reads channels-last activations directly (no transposed copy).
+
+        ``workspace``: without autograd, a dict in which the projections' buffers are kept for the next call
+        (fresh multi-MB allocations page-fault on every call); the caller owns it.
+        """
+        if any(order is not None for order, _ in self._fold_in) or len(self.pos_enc):
+            raise NotImplementedError("forward_rows supports relaxed fixed axes without positional encodings "
+                                      "(fixed='relax', positional_encoding=False); use forward()")
+        plan = self._rows_plan()
+        weights, bias = list(self.mix_weights()), self.bias_vector()
+        flat = torch.cat([w.reshape(-1) for w in weights])
+        fast = not (torch.is_grad_enabled() and any(
+            t.requires_grad for t in (flat, bias, *rows.values()) if t is not None))
+        co = self.out_channels
+        proj = []
+        for i, name in enumerate(self.names):
+            x = rows[name]
+            if x.dim() != 2 or x.shape[1] != self.in_channels:
+                raise ValueError(f"rows[{name!r}] must be (numel, {self.in_channels}), got {tuple(x.shape)}")
+            idx, scale = plan["project"][i]
+            if idx is None:
+                proj.append(None)
+                continue
+            P = flat[idx.to(flat.device)] * scale.to(flat.device, flat.dtype)  # (slots * co, in_channels)
+            proj.append(_project(P, x, fast, workspace, (id(self), i)).view((1, idx.shape[0]) +
+                                                                             self._fold_in[i][1][1:]))
+        contrib: list[torch.Tensor | None] = [None] * self._contrib_count
+        for cid, tail, parts, bias_rows in plan["groups"]:
+            acc = None
+            for inp, slot, chain, perm in parts:
+                t = proj[inp][:, slot * co:(slot + 1) * co]
+                for ops, dperm, dims in chain:
+                    for d1, d2 in ops:
+                        t = t.diagonal(0, d1, d2)
+                    if dperm is not None:
+                        t = t.permute(dperm)
+                    if dims:
+                        t = t.sum(dims)
+                if perm is not None:
+                    t = t.permute(perm)
+                acc = t if acc is None else acc + t
+            if bias_rows is not None and bias is not None:
+                acc = acc + bias[bias_rows[0]:bias_rows[1]]
+            if fast and acc._base is not None:  # a view of a projection: the assembly adds into it in place
+                acc = acc.clone()
+            contrib[cid] = acc.reshape((1,) + tail)
+        outs = self._assemble(contrib, 1, fast, None)
+        return {name: acc[0].reshape((co,) + tuple(e_shape)) for name, acc, e_shape in
+                zip(self.names, outs, (self._unfold_out[i][0][1:] for i in range(len(self.names))))}
+
+    def _rows_plan(self) -> dict:
+        """:meth:`forward_rows`'s instructions: per entry, where its projection rows sit in the flattened mix
+        weights (and the reductions' 1/n they carry); per output pattern, its terms' (entry, slot, reduction
+        chain from the entry, permutation)."""
+        cached = self.__dict__.get("_rows_plan_cache")
+        if cached is not None:
+            return cached
+        plan = self.plan
+        co = self.out_channels
+        offsets, off = [], 0  # where each mix weight starts in the flattened weights
+        for parts, _, rows, _, _, _ in self._mixes:
+            offsets.append(off)
+            off += sum(rows) * sum(self._cin[plan.reductions[rid].inp] for rid, _ in parts)
+        red_scale = []
+        for r in plan.reductions:
+            bsize = {b: n for b, n in zip(r.struct, plan.entries[r.inp].sizes)}
+            red_scale.append(1.0 / _prod([bsize[b] for b in bsize if b not in r.kept]))
+        chains = []
+        for rid in range(len(plan.reductions)):
+            steps, r = [], rid
+            while r is not None:
+                parent, _, ops, perm, dims = self._reds[r]
+                steps.append((ops, perm, dims))
+                r = parent
+            chains.append(tuple(reversed(steps)))
+        slot_rows: list[list[torch.Tensor]] = [[] for _ in self.names]
+        slot_scale: list[list[float]] = [[] for _ in self.names]
+        groups = []
+        for mi, (parts, _nk, rows, outs, has_bias, _) in enumerate(self._mixes):
+            ncols = sum(self._cin[plan.reductions[rid].inp] for rid, _ in parts)
+            for j, (cid, tail) in enumerate(outs):
+                r0 = self._row_offsets[mi][j]
+                terms = []
+                for k, (rid, perm) in enumerate(parts):
+                    inp = plan.reductions[rid].inp
+                    c0 = self._col_offsets[mi][k]
+                    cin = self._cin[inp]
+                    idx = (offsets[mi] + (r0 + torch.arange(co))[:, None] * ncols + c0 + torch.arange(cin)[None])
+                    slot = len(slot_rows[inp])
+                    slot_rows[inp].append(idx)
+                    slot_scale[inp].append(red_scale[rid])
+                    terms.append((inp, slot, chains[rid], perm))
+                bias_rows = (r0, r0 + rows[j]) if has_bias else None
+                groups.append((cid, tail, tuple(terms), bias_rows))
+        project = []
+        for i in range(len(self.names)):
+            if not slot_rows[i]:
+                project.append((None, None))
+                continue
+            idx = torch.cat(slot_rows[i])
+            scale = torch.tensor(slot_scale[i], dtype=torch.float64).repeat_interleave(co)[:, None]
+            project.append((idx, scale))
+        cached = {"project": project, "groups": groups}
+        self.__dict__["_rows_plan_cache"] = cached
+        return cached
+
     def _run(self, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], bias: torch.Tensor | None,
              fast: bool, saved: list | None = None) -> list[torch.Tensor]:
         """The plan's forward on the folded inputs ``(B, C_in', *perm sizes)``; outputs in the same layout.
@@ -490,9 +607,16 @@ class UNFLinear(nn.Module):
             pieces = m.split(rows, 1) if len(rows) > 1 else (m,)
             for piece, (cid, tail) in zip(pieces, outs):
                 contrib[cid] = piece.reshape((B,) + tail)
+        return self._assemble(contrib, B, fast, self._prefilled if fast else None)
+
+    def _assemble(self, contrib: list, B: int, fast: bool, prefilled: Sequence[bool] | None) -> list[torch.Tensor]:
+        """Every entry's output from its pattern contributions (broadcast adds, then diagonal writes).
+
+        ``fast``: the contributions are the caller's to overwrite (in-place accumulation); ``prefilled[i]``:
+        entry ``i``'s contributions were already summed into its largest one."""
         out = []
         for i in range(len(self.names)):
-            if fast and self._prefilled[i]:  # already summed into the largest contribution
+            if fast and prefilled is not None and prefilled[i]:  # already summed into the largest contribution
                 cids = self._nested[i][1][:1]
             elif fast:  # contributions are pieces of this call's matmul outputs: free to add into
                 steps, cids = self._nested[i]
@@ -678,6 +802,25 @@ class UNFLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, "
                 f"entries={len(self.names)}, terms={self.num_terms}, fixed={self.fixed!r}")
+
+
+_PROJECT_CHUNK = 8192
+
+
+def _project(P: torch.Tensor, x: torch.Tensor, fast: bool, workspace: dict | None, key: tuple) -> torch.Tensor:
+    """``P @ x.T``: ``(S, C) @ (n, C).T -> (S, n)``. Without autograd in column blocks written in place (each
+    block's rows of ``x`` stay in cache; 2x faster than one big product on a CPU), into a reused buffer."""
+    if not fast or x.shape[0] <= _PROJECT_CHUNK:
+        return torch.mm(P, x.t())
+    shape = (P.shape[0], x.shape[0])
+    buf = None if workspace is None else workspace.get(key)
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != x.dtype or buf.device != x.device:
+        buf = x.new_empty(shape)
+        if workspace is not None:
+            workspace[key] = buf
+    for s in range(0, shape[1], _PROJECT_CHUNK):
+        torch.mm(P, x[s:s + _PROJECT_CHUNK].t(), out=buf[:, s:s + _PROJECT_CHUNK])
+    return buf
 
 
 def _under_transform() -> bool:
