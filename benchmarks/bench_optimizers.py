@@ -1,7 +1,7 @@
 """Benchmark: full training step (forward + backward + optimizer step) with learned optimizers vs torch.optim.Adam,
 measured side by side in one run.
 
-    python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--seed 0]
+    python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--seed 0] [--device cpu|cuda]
 
 Tasks: the UNF paper's MLP (64 -> 32 -> 10, 2.4k parameters, batch 128) and a ~1M-parameter CNN (4 conv layers,
 32x32 RGB input, batch 128). Reports the median step time of each optimizer and its ratio to Adam's.
@@ -51,15 +51,20 @@ def optimizer_factories() -> dict[str, Callable[[nn.Module, torch.Tensor], torch
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
                warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of a full training step, and median seconds of opt.step() alone."""
+    """Median seconds of a full training step, and median seconds of opt.step() alone (on a GPU, synchronised
+    before each clock reading so that queued kernels count where they belong)."""
     loss_fn = nn.CrossEntropyLoss()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     full, opt_only = [], []
     for i in range(warmup + steps):
+        sync()
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x), y).backward()
+        sync()
         mid = time.perf_counter()
         opt.step()
+        sync()
         end = time.perf_counter()
         if i >= warmup:
             full.append(end - start)
@@ -72,11 +77,16 @@ def main() -> None:
     parser.add_argument("--task", choices=[*TASKS, "all"], default="all")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    device = torch.device(args.device)
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+             f"{platform.machine()}, {torch.get_num_threads()} threads")
+    print(f"machine: {where}, torch {torch.__version__}")
     for name in TASKS if args.task == "all" else [args.task]:
         torch.manual_seed(args.seed)
         model, x, y = TASKS[name]()
+        model, x, y = model.to(device), x.to(device), y.to(device)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         n = sum(p.numel() for p in model.parameters())
         print(f"\n{name}: {n:,} parameters, batch {x.shape[0]}, {args.steps} timed steps (median)")

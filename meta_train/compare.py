@@ -70,16 +70,16 @@ def _population(task: Task, problem: FlatProblem, seeds: Sequence[int], runs_per
                 desc: str, progress: bool) -> torch.Tensor:
     """Train ``len(seeds) * runs_per_seed`` runs in lockstep; returns losses ``(runs, steps)`` (run = seed-major)."""
     gens, w0, _ = _inits(task, seeds)
-    which = torch.arange(len(seeds)).repeat_interleave(runs_per_seed)
+    which = torch.arange(len(seeds), device=w0.device).repeat_interleave(runs_per_seed)
     w = w0[which].clone()
     state = init_state(w)
     grad_fn = vmap(grad_and_value(problem.loss))
-    losses = torch.empty(w.shape[0], steps)
+    losses = torch.empty(w.shape[0], steps, device=w.device)  # on the run's device: no sync per step
     for t in tqdm(range(steps), desc=desc, disable=not progress, leave=False, mininterval=1.0):
         g, loss = grad_fn(w, _batches(task, gens, which))
         losses[:, t] = loss
         w, state = update(w, g, state)
-    return losses
+    return losses.cpu()
 
 
 def _adam(lrs: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
@@ -114,7 +114,7 @@ def run_baseline(task: Task, name: str, lrs: Sequence[float], seeds: Sequence[in
     """Losses ``(len(seeds), len(lrs), steps)`` of ``"adam"`` / ``"sgdm"`` (torch.optim defaults, momentum 0.9)."""
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
-    lr_t = torch.tensor(list(lrs), dtype=torch.float32).repeat(len(seeds))
+    lr_t = torch.tensor(list(lrs), dtype=torch.float32, device=task.device).repeat(len(seeds))
     init, update = {"adam": _adam, "sgdm": _sgdm}[name](lr_t)
     losses = _population(task, problem, seeds, len(lrs), steps, init, update, f"{task.name} {name}", progress)
     return losses.view(len(seeds), len(lrs), steps)
@@ -131,8 +131,11 @@ def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: in
         problem = dataclasses.replace(problem, segments=f.bind_layout(list(example),
                                                                       [p.shape for p in example.values()]))
         rule = rule.with_f(f)
+    else:
+        rule = copy.deepcopy(rule)  # moved to the task's device below; the caller's rule stays where it is
+    rule = rule.to(task.device)
     theta = {k: v.detach() for k, v in rule.named_parameters()}
-    segments = problem.segments
+    segments = problem.segments.to(task.device)
 
     def one(w, g, m, s):
         new_w, st, _ = functional_call(rule, theta, (w, g, RuleState(m, s), segments))
@@ -141,7 +144,8 @@ def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: in
     batched = vmap(one)
 
     def init(w):
-        return (torch.zeros(w.shape[0], O.rule.N_MOMENTA, w.shape[1]), torch.zeros(w.shape[0]))
+        return (torch.zeros(w.shape[0], O.rule.N_MOMENTA, w.shape[1], device=w.device),
+                torch.zeros(w.shape[0], device=w.device))
 
     def update(w, g, state):
         new_w, m, s = batched(w, g, *state)
@@ -204,13 +208,17 @@ def _stats(values: torch.Tensor) -> tuple[float, float]:
 def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.PathLike] | None = None,
             steps: Sequence[int] = (2000, 10000), seeds: Sequence[int] = (0, 1, 2, 3, 4),
             baselines: Sequence[str] = ("adam", "sgdm"), grids: Mapping[str, Sequence[float]] | None = None,
-            progress: bool = True, cache_dir: str | os.PathLike | None = None) -> CompareResult:
+            progress: bool = True, cache_dir: str | os.PathLike | None = None,
+            device: str | torch.device = "cpu") -> CompareResult:
     """Train every optimizer for ``max(steps)`` steps on every seed and tabulate the final loss at each ``T``.
 
     ``cache_dir``: keep the baselines' loss curves there (keyed by task, grid, seeds and horizon) and reuse them,
-    so comparing a new learned optimizer does not rerun the grids.
+    so comparing a new learned optimizer does not rerun the grids. ``device``: where a task given by name runs
+    (inits and batches are drawn on the CPU from the same generators, so every device trains the same runs).
     """
-    task = get_task(task) if isinstance(task, str) else task
+    device = torch.device(device)
+    if isinstance(task, str):
+        task = get_task(task) if device.type == "cpu" else get_task(task, device=device)
     steps = tuple(sorted(int(t) for t in steps))
     if steps[0] < WINDOW:
         raise ValueError(f"horizons must be at least the averaging window ({WINDOW} steps), got {steps}")
@@ -319,6 +327,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="directory for <task>.json, <task>.md (table) and <task>.png")
     parser.add_argument("--cache", default=None, help="directory to keep and reuse the baselines' loss curves")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the populations run there)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -332,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     for task in args.task:
         res = compare(task, learned, steps=args.steps, seeds=range(args.seeds), baselines=args.baselines,
-                      progress=not args.no_progress, cache_dir=args.cache)
+                      progress=not args.no_progress, cache_dir=args.cache, device=args.device)
         print(res.table(), flush=True)
         if out:
             out.mkdir(parents=True, exist_ok=True)

@@ -22,11 +22,12 @@ __all__ = ["fast_update", "supports_fast_path", "CHUNK"]
 CHUNK = 16384
 
 
-def supports_fast_path(rule: LearnedRule, n: int) -> bool:
-    """Chunking pays off from one chunk up; below that the plain path has less overhead."""
+def supports_fast_path(rule: LearnedRule, n: int, device: torch.device | str = "cpu") -> bool:
+    """Chunking pays off on a CPU (cache-sized blocks) from one chunk up; below that, and on GPUs (where every
+    chunk would cost its own kernel launches), the plain whole-buffer path is faster."""
     from .unf_family import UNFFamily  # (imports this module's users: import late)
 
-    return n >= CHUNK and type(rule.f) in (PerParamMLP, DeepSet, UNFFamily)
+    return torch.device(device).type == "cpu" and n >= CHUNK and type(rule.f) in (PerParamMLP, DeepSet, UNFFamily)
 
 
 def _segment_sum_(sums: torch.Tensor, x: torch.Tensor, s: int, e: int, seg: Segments) -> None:

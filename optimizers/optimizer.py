@@ -125,7 +125,7 @@ class LearnedOptimizer(Optimizer):
                                     for p in params])
             param = torch.cat([p.detach().reshape(-1).float() for p in params])
             state = RuleState(flat.momenta, flat.step)
-            if supports_fast_path(self.rule, param.shape[0]):
+            if supports_fast_path(self.rule, param.shape[0], param.device):
                 new_param, new, skipped = fast_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
                                                       active=active, workspace=flat.workspace)
             else:
@@ -158,8 +158,11 @@ class LearnedOptimizer(Optimizer):
         for pid, p in zip(ids, params):
             saved = state_dict["state"].get(pid)
             if saved is not None and "momenta" in saved:
-                self.state[p]["momenta"] = saved["momenta"].to(device=p.device, dtype=torch.float32)
-                self.state[p]["step"] = saved["step"].to(device=p.device, dtype=torch.float32)
+                # copies: the saved tensors may be another optimizer's live state, which it updates in place
+                self.state[p]["momenta"] = saved["momenta"].to(device=p.device, dtype=torch.float32, copy=True)
+                self.state[p]["step"] = saved["step"].to(device=p.device, dtype=torch.float32, copy=True)
+                if "nonfinite_skipped" in saved:
+                    self.state[p]["nonfinite_skipped"] = saved["nonfinite_skipped"].to(p.device, copy=True)
         if rule_state is not None:
             self.rule.load_state_dict(rule_state)
         self._flat = {}

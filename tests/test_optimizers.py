@@ -129,6 +129,22 @@ def test_state_dict_round_trip_continues_bit_identically():
         assert torch.equal(opt.state[p]["momenta"], opt2.state[q]["momenta"])
 
 
+def test_loaded_state_does_not_alias_the_source_optimizer():
+    """Loading another optimizer's live ``state_dict()`` (no deepcopy) and training both gives the same result as
+    training each alone: the loaded state is a copy, not a view of the source's buffers."""
+    model = small_model()
+    opt = O.LearnedOptimizer(model.parameters(), active_rule("deepset"))
+    train(model, opt, 3)
+    clone = small_model(seed=123)
+    clone.load_state_dict(model.state_dict())
+    opt2 = O.LearnedOptimizer(clone.parameters(), O.LearnedRule(O.DeepSet(hidden=16)))
+    opt2.load_state_dict(opt.state_dict())
+    train(model, opt, 2)  # the source moves on first, updating its state in place
+    train(clone, opt2, 2)
+    for p, q in zip(model.parameters(), clone.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_state_dict_keeps_fp32_state_across_dtype_casts():
     model = small_model()
     opt = O.LearnedOptimizer(model.parameters(), active_rule("mlp"))

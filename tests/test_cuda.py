@@ -1,0 +1,140 @@
+"""The CUDA paths: learned optimizers, their state across devices, AMP, meta-training and comparisons on a GPU.
+
+Skipped without CUDA (CI and the project's machine are CPU-only); run on a GPU machine with
+``python -m pytest -q tests/test_cuda.py``. Results on the GPU must match the CPU's to float tolerance.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import optimizers as O
+import unf
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+CUDA = torch.device("cuda")
+
+
+def cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+
+
+def data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def randomized(rule: O.LearnedRule, seed: int = 0) -> O.LearnedRule:
+    """A rule with every meta-parameter random and beta large enough that ``f`` moves the parameters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rule.f.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        rule.beta.fill_(0.05)
+    return rule
+
+
+def make(family: str, model: nn.Module, x: torch.Tensor) -> O.LearnedOptimizer:
+    if family == "unf":
+        spec = unf.derive_spec(model, x).parameters_only()
+        return O.UNFOptimizer(model, x, rule=randomized(O.LearnedRule(O.UNFFamily(spec, hidden=8, layers=2))))
+    f = O.PerParamMLP(hidden=8) if family == "mlp" else O.DeepSet(hidden=8)
+    return O.LearnedOptimizer(model.parameters(), randomized(O.LearnedRule(f)))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("family", ["mlp", "deepset", "unf"])
+def test_gpu_steps_match_cpu(family):
+    x, y = data()
+    cpu_model = cnn()
+    gpu_model = cnn().to(CUDA)
+    cpu_opt = make(family, cpu_model, x)
+    gpu_opt = make(family, gpu_model, x.to(CUDA))
+    train(cpu_model, cpu_opt, x, y, 5)
+    train(gpu_model, gpu_opt, x.to(CUDA), y.to(CUDA), 5)
+    for p, q in zip(cpu_model.parameters(), gpu_model.parameters()):
+        assert q.is_cuda
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_state_dict_moves_between_devices(family):
+    """Optimizer state saved on the GPU loads into a CPU optimizer (and back) and training continues the same."""
+    x, y = data()
+    gpu_model = cnn().to(CUDA)
+    gpu_opt = make(family, gpu_model, x.to(CUDA))
+    train(gpu_model, gpu_opt, x.to(CUDA), y.to(CUDA), 3)
+    cpu_model = cnn()
+    cpu_model.load_state_dict({k: v.cpu() for k, v in gpu_model.state_dict().items()})
+    cpu_opt = make(family, cpu_model, x)
+    cpu_opt.load_state_dict(gpu_opt.state_dict())
+    for state in cpu_opt.state.values():
+        assert state["momenta"].device.type == "cpu" and state["momenta"].dtype == torch.float32
+    train(gpu_model, gpu_opt, x.to(CUDA), y.to(CUDA), 3)
+    train(cpu_model, cpu_opt, x, y, 3)
+    for p, q in zip(cpu_model.parameters(), gpu_model.parameters()):
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-4)
+    back = cnn().to(CUDA)
+    back_opt = make(family, back, x.to(CUDA))
+    back_opt.load_state_dict(cpu_opt.state_dict())
+    assert all(s["momenta"].is_cuda for s in back_opt.state.values())
+
+
+def test_grad_scaler_and_bf16_on_gpu():
+    x, y = data()
+    model = cnn().to(CUDA)
+    opt = make("deepset", model, x.to(CUDA))
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10)
+    for i in range(4):
+        opt.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x.to(CUDA)), y.to(CUDA))
+        scaler.scale(loss).backward()
+        if i % 2 == 1:
+            model[0].weight.grad[0, 0, 0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        changed = any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        assert changed == (i % 2 == 0)
+    bf16 = cnn().to(CUDA, torch.bfloat16)
+    opt = make("unf", bf16, x.to(CUDA, torch.bfloat16))
+    train(bf16, opt, x.to(CUDA, torch.bfloat16), y.to(CUDA), 3)
+    assert all(s["momenta"].dtype == torch.float32 for s in opt.state.values())
+    assert all(torch.isfinite(p).all() for p in bf16.parameters())
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_meta_training_on_gpu_matches_cpu(tmp_path, family):
+    from meta_train.loop import MetaTrainConfig, meta_train
+
+    common = dict(meta_steps=3, truncation=3, particles=2, horizon=6, family=family, hidden=8, seed=0,
+                  eval_every=0)
+    cpu = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "cpu"), **common), progress=False)
+    gpu = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "gpu"), device="cuda", **common), progress=False)
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        assert q.is_cuda
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_compare_on_gpu_matches_cpu():
+    from meta_train.compare import compare
+
+    kw = dict(steps=(60,), seeds=(0, 1), grids={"adam": (1e-3, 1e-2), "sgdm": (1e-2, 1e-1)}, progress=False)
+    learned = {"deepset": randomized(O.LearnedRule(O.DeepSet(hidden=8)))}
+    cpu = compare("mlp-digits", learned, **kw)
+    gpu = compare("mlp-digits", learned, device="cuda", **kw)
+    for a, b in zip(cpu.rows, gpu.rows):
+        assert a["optimizer"] == b["optimizer"] and a["lr"] == b["lr"]
+        assert abs(a["mean"] - b["mean"]) <= 1e-3 * max(1.0, abs(a["mean"]))
