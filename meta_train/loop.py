@@ -3,6 +3,7 @@ evaluation, atomic checkpoints and exact resume.
 
     python -m meta_train --run-dir runs/demo --task mlp-digits --meta-steps 200 --eval-every 20
     python -m meta_train --config examples/configs/mlp_digits_pes.toml
+    python -m meta_train --run-dir runs/fam --task-family mlp-mnist1d --family unf   # a new task every horizon
     torchrun --nproc_per_node 2 -m meta_train --config ...      # the population split over 2 processes
 
 Every source of randomness of the run is one ``torch.Generator`` whose state is checkpointed, so a run killed at any
@@ -11,10 +12,14 @@ Evaluation draws only from generators of its own (seeded from ``seed``, the eval
 with and without it reach the same meta-parameters. Checkpoints are written to a temporary file and renamed into
 place, so a kill never leaves a half-written one.
 
-Logs in ``run_dir``: ``metrics.csv`` (``meta_step, meta_loss, grad_norm``) and, with ``eval_every > 0``,
-``eval.csv`` (``meta_step, task, train_loss, test_loss``); both are rewritten up to the checkpointed step on
-resume, so they never hold rows from a lost tail. With ``tensorboard`` installed the same scalars also go to
-``run_dir/tb/`` (the CSVs stay the source of truth). ``unf plot RUN_DIR`` draws them.
+Task families: with ``task_family`` set the run trains on a registered family of tasks instead of one task: a new
+task is drawn from the run's generator whenever the inner runs restart (every particle restarts together, so a
+truncation's whole population shares one task); see :class:`MetaTrainConfig`.
+
+Logs in ``run_dir``: ``metrics.csv`` (``meta_step, meta_loss, grad_norm, task``: the task the step trained on)
+and, with ``eval_every > 0``, ``eval.csv`` (``meta_step, task, train_loss, test_loss``); both are rewritten up to
+the checkpointed step on resume, so they never hold rows from a lost tail. With ``tensorboard`` installed the
+same scalars also go to ``run_dir/tb/`` (the CSVs stay the source of truth). ``unf plot RUN_DIR`` draws them.
 """
 
 from __future__ import annotations
@@ -38,18 +43,21 @@ from tqdm import tqdm
 
 import optimizers as O
 
-from .build import build_rule, copy_rule
+from .build import bind_rule, build_rule, copy_rule, union_role_keys
 from .distributed import DistInfo, all_gather_cat, all_reduce_sum, particle_slice
 from .distributed import current as _dist_current
-from .estimators import META_LOSSES, PES, bptt, draw_noise, es, unroll
-from .tasks import ClassificationTask, Task, get_task, list_tasks
+from .estimators import META_LOSSES, PES, FlatProblem, bptt, draw_noise, es, unroll
+from .tasks import ClassificationTask, Task, TaskFamily, get_family, get_task, list_families, list_tasks
 
 __all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atomic", "add_config_arguments",
            "config_from_args", "METRICS_FIELDS", "EVAL_FIELDS"]
 
 ESTIMATORS = ("pes", "es", "bptt")
-METRICS_FIELDS = ("meta_step", "meta_loss", "grad_norm")
+METRICS_FIELDS = ("meta_step", "meta_loss", "grad_norm", "task")
 EVAL_FIELDS = ("meta_step", "task", "train_loss", "test_loss")
+DEFAULT_TASK = "mlp-digits"
+#: tasks sampled (from a generator of their own, seeded by ``seed``) whose UNF role keys make a family run's table
+FAMILY_KEY_TASKS = 8
 
 
 @dataclass
@@ -59,6 +67,17 @@ class MetaTrainConfig:
     Attributes:
         run_dir: where checkpoints, logs and the trained rule go.
         task: registered meta-training task (``meta_train.tasks.list_tasks()``).
+        task_family: registered task family (``meta_train.tasks.list_families()``, e.g. ``"mlp-mnist1d"``) to
+            meta-train on instead of one task; ``""`` (default) trains on ``task``, which must then be left at
+            its default. A new task is drawn from the run's generator at the start and whenever the inner runs
+            restart (every ``horizon`` inner steps), so resumes stay exact; all particles share it. Per-element
+            rules (``mlp``, ``deepset``) apply to every task as they are. A ``unf`` rule is spec-bound, so its UNF
+            read-out holds a coefficient table over the union of the role keys of ``FAMILY_KEY_TASKS`` tasks
+            sampled from the family (from a generator of their own, seeded by ``seed``, so the table is
+            deterministic and the run's stream is not touched); each drawn task runs a rule on its own spec
+            over that table, with the trained rule's tensors as meta-parameters. Terms whose key a later task
+            brings and the table lacks contribute zero (one warning per run). The trained rule saves and loads
+            with its key table (:func:`optimizers.save_rule`) and transfers to any model by role.
         family: optimizer family, ``"mlp"``, ``"deepset"`` (or ``"unf"``), see :func:`meta_train.build.build_rule`.
         hidden: hidden width of the rule's network.
         estimator: meta-gradient estimator, ``"pes"``, ``"es"`` or ``"bptt"``.
@@ -83,7 +102,8 @@ class MetaTrainConfig:
     """
 
     run_dir: str
-    task: str = "mlp-digits"
+    task: str = DEFAULT_TASK
+    task_family: str = ""
     family: str = "deepset"
     hidden: int = 8
     estimator: str = "pes"
@@ -156,6 +176,15 @@ def _check_values(cfg: MetaTrainConfig) -> None:
     known = list_tasks()
     if cfg.task not in known:
         raise bad("task", f"must be a registered task ({', '.join(known)})")
+    if cfg.task_family:
+        families = list_families()
+        if cfg.task_family not in families:
+            raise bad("task_family", f"must be a registered task family ({', '.join(families)}) or '' to train "
+                                     "on field 'task'")
+        if cfg.task != DEFAULT_TASK:
+            raise ValueError(f"fields 'task' and 'task_family' are exclusive (a run trains on one task or on a "
+                             f"family): leave 'task' at its default {DEFAULT_TASK!r} when 'task_family' is set; "
+                             f"got task={cfg.task!r}, task_family={cfg.task_family!r}")
     for name in cfg.eval_tasks:
         if name not in known:
             raise ValueError(f"field 'eval_tasks': unknown task {name!r}; registered: {', '.join(known)}")
@@ -262,9 +291,14 @@ def _open_tensorboard(run_dir: Path, purge_step: int | None) -> Any:
     return SummaryWriter(str(run_dir / "tb"), purge_step=purge_step)
 
 
-def _eval_seed(seed: int, task: str, index: int) -> int:
-    digest = hashlib.sha256(f"meta_train.eval:{seed}:{task}:{index}".encode()).digest()
+def _derived_seed(kind: str, *parts: Any) -> int:
+    """A 63-bit seed for a generator of its own (``kind``: what it draws), independent of the run's stream."""
+    digest = hashlib.sha256(f"meta_train.{kind}:{':'.join(map(str, parts))}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _eval_seed(seed: int, task: str, index: int) -> int:
+    return _derived_seed("eval", seed, task, index)
 
 
 def _flatten(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -290,8 +324,8 @@ class _Evaluator:
                 try:
                     copy_rule(eval_rule, rule)
                 except (RuntimeError, ValueError) as e:
-                    warnings.warn(f"eval task {name!r} skipped: the {cfg.family!r} rule trained on {cfg.task!r} "
-                                  f"does not fit it ({str(e).splitlines()[0]})", stacklevel=3)
+                    warnings.warn(f"eval task {name!r} skipped: the {cfg.family!r} rule trained on "
+                                  f"{_trained_on(cfg)} does not fit it ({str(e).splitlines()[0]})", stacklevel=3)
                     continue
                 runs = []
                 for index in range(cfg.eval_seeds):
@@ -324,6 +358,44 @@ class _Evaluator:
 
 def _get_task(name: str, device: torch.device) -> Task:
     return get_task(name) if device.type == "cpu" else get_task(name, device=device)
+
+
+def _get_family(name: str, device: torch.device) -> TaskFamily:
+    return get_family(name) if device.type == "cpu" else get_family(name, device=str(device))
+
+
+def _trained_on(cfg: MetaTrainConfig) -> str:
+    return f"family {cfg.task_family!r}" if cfg.task_family else repr(cfg.task)
+
+
+def _sample_task(family: TaskFamily, generator: torch.Generator) -> Task:
+    """A task of ``family`` drawn from ``generator`` only (building its model must not move the global RNG)."""
+    with torch.random.fork_rng(devices=[]):
+        return family.sample(generator)
+
+
+def _family_role_keys(family: TaskFamily, seed: int) -> list[str]:
+    """The shared UNF key table of a family run: :func:`union_role_keys` of ``FAMILY_KEY_TASKS`` sampled tasks."""
+    g = torch.Generator().manual_seed(_derived_seed("family-keys", seed))
+    with torch.random.fork_rng(devices=[]):
+        return union_role_keys(_sample_task(family, g) for _ in range(FAMILY_KEY_TASKS))
+
+
+@dataclass
+class _Inner:
+    """The task the inner runs are on now and the rule that runs the meta-parameters on it (the master itself,
+    or for a UNF family run a rule on the task's spec over the master's key table, see
+    :func:`meta_train.build.bind_rule`)."""
+
+    task: Task
+    rule: O.LearnedRule
+    problem: FlatProblem
+    drawn_from: torch.Tensor | None = None  # family runs: the generator state the task was drawn at (resume
+    # draws it again from there)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.task.param_shapes)
 
 
 def _resolve_device(device: str, info: DistInfo) -> torch.device:
@@ -372,26 +444,66 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     # ---- everything that defines the run
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    task = _get_task(cfg.task, device)
+    family = _get_family(cfg.task_family, device) if cfg.task_family else None
+    role_keys = _family_role_keys(family, cfg.seed) if family is not None and cfg.family == "unf" else None
+    drawn_from = gen.get_state() if family is not None else None
+    task = _sample_task(family, gen) if family is not None else _get_task(cfg.task, device)
     w0_params = task.init(gen)
     try:
-        rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from or None)
+        rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from or None,
+                                   role_keys=role_keys)
     except KeyError as e:
         raise ValueError(f"field 'family': {e.args[0]}") from e
-    rule = rule.to(device)
+    rule = rule.to(device)  # the master: the meta-parameters, whatever task the inner runs are on
     meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
-    names = list(w0_params)
     evaluate = _Evaluator(cfg, rule, device) if cfg.eval_every and info.is_main else None
+    warned_keys = False
+
+    def bound(new: Task, params: dict[str, torch.Tensor], state: torch.Tensor) -> _Inner:
+        """The family's task ``new`` with the master bound to it; warns (once per run) if its UNF terms have keys
+        the shared table lacks (a fresh bound rule's coverage is the table's)."""
+        nonlocal warned_keys
+        inner = _Inner(new, *bind_rule(rule, cfg.family, new, params), drawn_from=state)
+        coverage = inner.rule.f.head.coverage if role_keys is not None else 1.0
+        if coverage < 1.0 and not warned_keys:
+            warnings.warn(f"task {new.name!r} of family {cfg.task_family!r}: {1 - coverage:.0%} of its UNF terms "
+                          f"have role keys outside the shared table (the union over {FAMILY_KEY_TASKS} tasks "
+                          "sampled at the start); they contribute zero (warned once per run)", stacklevel=4)
+            warned_keys = True
+        return inner
+
+    def draw_task(generator: torch.Generator) -> _Inner:
+        """Sample the family's next task from ``generator`` and bind the master to it."""
+        state = generator.get_state()
+        new = _sample_task(family, generator)
+        return bound(new, {k: torch.empty(s, device="meta") for k, s in new.param_shapes.items()}, state)  # layout
+
+    inner = _Inner(task, rule, problem) if family is None else bound(task, w0_params, drawn_from)
 
     def fresh_inner() -> tuple[torch.Tensor, torch.Tensor]:
-        params = task.init(gen)
-        w = torch.cat([params[n].reshape(-1) for n in names])
+        params = inner.task.init(gen)
+        w = torch.cat([params[n].reshape(-1) for n in inner.names])
         return w, torch.zeros(O.rule.N_MOMENTA, w.numel(), device=w.device)
 
     def theta() -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in rule.named_parameters()}
 
-    pes = PES(rule, problem, particles=mine.stop - mine.start, sigma=cfg.sigma, meta_loss=cfg.meta_loss)
+    def new_pes() -> PES:
+        return PES(inner.rule, inner.problem, particles=mine.stop - mine.start, sigma=cfg.sigma,
+                   meta_loss=cfg.meta_loss)
+
+    def restart(th: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inner runs restart (a family run draws its next task first); returns the fresh ``(w, momenta)``,
+        which every PES particle restarts from too (ES / BPTT runs checkpoint that unused PES state as well)."""
+        nonlocal inner, pes
+        if family is not None:
+            inner = draw_task(gen)
+            pes = new_pes()
+        w, m = fresh_inner()
+        pes.reset(w, m, th)
+        return w, m
+
+    pes = new_pes()
     w, m = fresh_inner()
     s = torch.zeros((), device=device)
     pes.reset(w, m, theta())
@@ -402,6 +514,9 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
         ck = torch.load(ckpt_path, weights_only=False, map_location=device)
         _check_resumable(ck["config"], cfg, ckpt_path)
         rule.load_state_dict(ck["rule"])
+        if family is not None:  # re-draw the task the inner runs were on from where it was drawn
+            inner = draw_task(torch.Generator().set_state(ck["task_drawn_from"].cpu()))
+            pes = new_pes()
         meta_opt.load_state_dict(ck["meta_opt"])
         gen.set_state(ck["generator"].cpu())
         pw, pm, ps, pxi = ck["pes"]  # every particle's state: take this process's slice
@@ -430,26 +545,28 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
         if evaluate is not None and start == 0 and stop > 0:
             log_eval(0)
         bar = tqdm(range(start, stop), initial=start, total=cfg.meta_steps,
-                   disable=not (progress and info.is_main), desc=f"meta-train {cfg.task}")
+                   disable=not (progress and info.is_main), desc=f"meta-train {cfg.task_family or cfg.task}")
         for step in bar:
-            batches = [task.sample_batch(gen) for _ in range(cfg.truncation)]
+            task_name = inner.task.name
+            batches = [inner.task.sample_batch(gen) for _ in range(cfg.truncation)]
             th = theta()
             if cfg.estimator == "pes":
                 eps = draw_noise(th, cfg.particles, cfg.sigma, gen)  # the whole population's, on every process
                 grads, loss = pes.step(th, batches, noise={k: v[mine] for k, v in eps.items()},
                                        population=population)
                 if int(pes.step_count[0, 0]) >= cfg.horizon:  # all particles restart together
-                    w, m = fresh_inner()
-                    pes.reset(w, m, th)
+                    w, m = restart(th)
             elif cfg.estimator == "es":
                 eps = draw_noise(th, cfg.particles, cfg.sigma, gen)
-                grads, loss = es(rule, th, problem, w, m, s, batches, noise={k: v[mine] for k, v in eps.items()},
-                                 population=population, meta_loss=cfg.meta_loss)
-                w, m, s = _advance(rule, th, problem, w, m, s, batches)
+                grads, loss = es(inner.rule, th, inner.problem, w, m, s, batches,
+                                 noise={k: v[mine] for k, v in eps.items()}, population=population,
+                                 meta_loss=cfg.meta_loss)
+                w, m, s = _advance(inner.rule, th, inner.problem, w, m, s, batches)
             else:
-                grads, loss, (w, m, s) = bptt(rule, th, problem, w, m, s, batches, meta_loss=cfg.meta_loss)
+                grads, loss, (w, m, s) = bptt(inner.rule, th, inner.problem, w, m, s, batches,
+                                              meta_loss=cfg.meta_loss)
             if cfg.estimator != "pes" and int(s) >= cfg.horizon:
-                (w, m), s = fresh_inner(), torch.zeros((), device=device)
+                (w, m), s = restart(th), torch.zeros((), device=device)
             if info.distributed:  # each process holds its slice's share: sum them
                 keys = list(grads)
                 *summed, loss = all_reduce_sum([grads[k] for k in keys] + [loss])
@@ -459,7 +576,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
             norm = torch.nn.utils.clip_grad_norm_(rule.parameters(), cfg.clip)
             meta_opt.step()
             meta_opt.zero_grad(set_to_none=True)
-            rows.append({"meta_step": step + 1, "meta_loss": float(loss), "grad_norm": float(norm)})
+            rows.append({"meta_step": step + 1, "meta_loss": float(loss), "grad_norm": float(norm),
+                         "task": task_name})
             bar.set_postfix(meta_loss=f"{float(loss):.4f}")
             if tb is not None:
                 tb.add_scalar("meta/loss", float(loss), step + 1)
@@ -474,13 +592,16 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                     save_checkpoint_atomic({"config": dataclasses.asdict(cfg), "meta_step": step + 1,
                                             "rule": rule.state_dict(), "meta_opt": meta_opt.state_dict(),
                                             "generator": gen.get_state(), "pes": pes_state, "inner": (w, m, s),
+                                            "task_drawn_from": inner.drawn_from,
                                             "metrics": rows, "eval": eval_rows}, ckpt_path)
                     _write_csv(run_dir / "metrics.csv", rows, METRICS_FIELDS)
     finally:
         if tb is not None:
             tb.close()
     if info.is_main and stop == cfg.meta_steps:
-        O.save_rule(rule, run_dir / "rule.safetensors", task=cfg.task, estimator=cfg.estimator,
+        trained_on = ({"task": f"family:{cfg.task_family}", "task_family": cfg.task_family} if cfg.task_family
+                      else {"task": cfg.task})
+        O.save_rule(rule, run_dir / "rule.safetensors", **trained_on, estimator=cfg.estimator,
                     meta_steps=cfg.meta_steps)
     return rule
 

@@ -30,11 +30,15 @@ The paper's tasks (Zhou et al. 2023, after Harrison et al. 2022 / learned_optimi
 Held-out variants for evaluation: ``mlp-digits-w128`` (width), ``mlp-digits-tanh`` (activation),
 ``mlp-digits-deep`` (depth), ``mlp-mnist1d`` (dataset). Families (:class:`MLPFamily`, :class:`CNNFamily`,
 :class:`RNNLMFamily`, :class:`TransformerLMFamily`, :class:`MixtureFamily`) sample width, depth, activation, batch
-size and dataset for meta-training diversity.
+size and dataset for meta-training diversity (``MetaTrainConfig.task_family``). Registered families
+(:func:`get_family`): ``mlp``, ``cnn``, ``rnn-lm``, ``transformer-lm`` (each kind's default ranges), ``all`` (their
+mixture), and the small offline ones ``mlp-mnist1d`` / ``mlp-digits``: MLPs on one dataset with width 16–128,
+depth 1–2, ReLU or tanh, batch 64–256 (the ``-w128`` / ``-tanh`` tasks lie inside them, ``-deep`` outside).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -635,6 +639,10 @@ for _name, _factory, _defaults in [
     register_task(_name, _named(_factory, _name, **_defaults))
 
 register_family("mlp", MLPFamily)
+for _dataset in ("mnist1d", "digits"):  # small one-dataset families for offline meta-training
+    register_family(f"mlp-{_dataset}", functools.partial(
+        MLPFamily, datasets=(_dataset,), depths=(1, 2), widths=(16, 32, 64, 128), activations=("relu", "tanh"),
+        batch_sizes=(64, 128, 256)))
 register_family("cnn", CNNFamily)
 register_family("rnn-lm", RNNLMFamily)
 register_family("transformer-lm", TransformerLMFamily)

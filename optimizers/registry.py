@@ -8,6 +8,8 @@ Transfer rule: per-element families (``mlp``, ``deepset``) share their weights a
 so weights trained on one model apply to any other model. The UNF family stores its spec too; on a model with
 another spec its coefficients are matched by *role key* (see :mod:`optimizers.unf_family`): shared keys keep
 their trained values, unseen ones start at zero. Only the family's hyperparameters (widths) are fixed by the file.
+A UNF rule whose read-out holds a shared table of role keys (``make_rule("unf", spec, role_keys=...)``, e.g. one
+meta-trained over a task family) also stores that key list, so it loads with exactly its parameter shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from unf import WeightSpaceSpec
+from unf.nn import RoleUNFLinear
 
 from .families import FAMILIES
 from .optimizer import LearnedOptimizer
@@ -35,12 +39,19 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 _FORMAT = "unf.LearnedRule/1"
 
 
-def make_rule(family: str, spec: WeightSpaceSpec | None = None, **family_kwargs: Any) -> LearnedRule:
-    """A fresh rule of a named family (``"mlp"``, ``"deepset"``, or ``"unf"``, which needs ``spec``)."""
+def make_rule(family: str, spec: WeightSpaceSpec | None = None, role_keys: Sequence[str] | None = None,
+              **family_kwargs: Any) -> LearnedRule:
+    """A fresh rule of a named family (``"mlp"``, ``"deepset"``, or ``"unf"``, which needs ``spec``).
+
+    ``role_keys`` (``"unf"`` with ``tie="role"`` only): the UNF read-out holds its coefficients over these keys
+    (see :class:`unf.nn.RoleUNFLinear`'s ``keys``) instead of the spec's own, so rules built for different specs
+    with the same keys have parameters of the same names and shapes (one set of weights drives them all)."""
     if family == "unf":
         if spec is None:
             raise ValueError("the 'unf' family needs the model's spec: make_rule('unf', spec=unf.derive_spec(...))")
-        return LearnedRule(UNFFamily(spec.parameters_only(), **family_kwargs))
+        return LearnedRule(UNFFamily(spec.parameters_only(), **family_kwargs, keys=role_keys))
+    if role_keys is not None:
+        raise ValueError(f"role_keys applies to the 'unf' family only, not {family!r}")
     if family not in FAMILIES:
         raise KeyError(f"unknown family {family!r}; choose one of {sorted(FAMILIES) + ['unf']}")
     return LearnedRule(FAMILIES[family](**family_kwargs))
@@ -49,6 +60,9 @@ def make_rule(family: str, spec: WeightSpaceSpec | None = None, **family_kwargs:
 def _config(rule: LearnedRule) -> dict[str, Any]:
     config = {"family_kwargs": getattr(rule.f, "config", {}), "bound": rule.bound}
     if isinstance(rule.f, UNFFamily):
+        head = rule.f.head
+        if isinstance(head, RoleUNFLinear) and head.role_keys != head.own_role_keys:
+            config["role_keys"] = list(head.role_keys)  # a shared table: its shapes are not the spec's own
         return {"family": "unf", "spec": rule.f.spec.to_json(), **config}
     family = next((k for k, v in FAMILIES.items() if type(rule.f) is v), None)
     if family is None:
@@ -92,7 +106,8 @@ def load_rule(path: str | os.PathLike, device: torch.device | str = "cpu") -> Le
         raise ValueError(f"{path} is not a learned-optimizer weights file (format={meta.get('format')!r})")
     config = json.loads(meta["config"])
     spec = WeightSpaceSpec.from_json(config["spec"]) if "spec" in config else None
-    rule = make_rule(config["family"], spec=spec, **config.get("family_kwargs", {}))
+    rule = make_rule(config["family"], spec=spec, role_keys=config.get("role_keys"),
+                     **config.get("family_kwargs", {}))
     rule.bound = float(config.get("bound", rule.bound))
     rule.load_state_dict(load_file(str(path), device=str(device)))
     return rule

@@ -43,14 +43,19 @@ class UNFFamily(nn.Module):
     """
 
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, layers: int = 3, in_features: int = N_FEATURES,
-                 tie: str = "role"):
+                 tie: str = "role", keys: Sequence[str] | None = None):
+        """``keys``: with ``tie="role"``, the role-key table of the read-out (:class:`unf.nn.RoleUNFLinear`),
+        e.g. one shared by every task of a meta-training family; default: this spec's own keys."""
         super().__init__()
         if tie not in ("role", "none"):
             raise ValueError(f"tie must be 'role' (transferable) or 'none' (one coefficient per term), got {tie!r}")
+        if keys is not None and tie != "role":
+            raise ValueError(f"keys (a shared role-key table) needs tie='role', got tie={tie!r}")
         self.spec = spec
         self.config = {"hidden": hidden, "layers": layers, "in_features": in_features, "tie": tie}
         self.deepset = DeepSet(hidden, layers, in_features)
-        self.head = RoleUNFLinear(spec, hidden, 1) if tie == "role" else UNFLinear(spec, hidden, 1)
+        self.head = (RoleUNFLinear(spec, hidden, 1, keys=None if keys is None else list(keys)) if tie == "role"
+                     else UNFLinear(spec, hidden, 1))
         with torch.no_grad():
             for p in self.head.parameters():
                 p.zero_()
