@@ -16,7 +16,8 @@ Task families: with ``task_family`` set the run trains on a registered family of
 task is drawn from the run's generator whenever the inner runs restart (every particle restarts together, so a
 truncation's whole population shares one task); see :class:`MetaTrainConfig`.
 
-Logs in ``run_dir``: ``metrics.csv`` (``meta_step, meta_loss, grad_norm, task``: the task the step trained on)
+Logs in ``run_dir``: ``metrics.csv`` (``meta_step, meta_loss, grad_norm, task``: the task the step trained on;
+a ``grad_norm`` of nan/inf marks a step whose estimate was not finite: it was skipped and the inner runs restarted)
 and, with ``eval_every > 0``, ``eval.csv`` (``meta_step, task, train_loss, test_loss``); both are rewritten up to
 the checkpointed step on resume, so they never hold rows from a lost tail. With ``tensorboard`` installed the
 same scalars also go to ``run_dir/tb/`` (the CSVs stay the source of truth). ``unf plot RUN_DIR`` draws them.
@@ -574,8 +575,15 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
             for k, p in rule.named_parameters():
                 p.grad = grads[k].to(p.dtype).clone()
             norm = torch.nn.utils.clip_grad_norm_(rule.parameters(), cfg.clip)
-            meta_opt.step()
+            finite = bool(torch.isfinite(norm))
+            if finite:
+                meta_opt.step()
             meta_opt.zero_grad(set_to_none=True)
+            if not finite:
+                # an inner run diverged (a loss of inf or NaN makes the whole estimate NaN): no meta-update from
+                # it, or one bad truncation would turn every meta-parameter (and so every later run) into NaN;
+                # the inner runs restart so that the next estimate starts from finite states
+                (w, m), s = restart(th), torch.zeros((), device=device)
             rows.append({"meta_step": step + 1, "meta_loss": float(loss), "grad_norm": float(norm),
                          "task": task_name})
             bar.set_postfix(meta_loss=f"{float(loss):.4f}")

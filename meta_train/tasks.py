@@ -643,6 +643,11 @@ for _dataset in ("mnist1d", "digits"):  # small one-dataset families for offline
     register_family(f"mlp-{_dataset}", functools.partial(
         MLPFamily, datasets=(_dataset,), depths=(1, 2), widths=(16, 32, 64, 128), activations=("relu", "tanh"),
         batch_sizes=(64, 128, 256)))
+# the shipped family-trained optimizer's family: ReLU MLPs of width <= 64 on mnist1d, so that width 128, tanh,
+# depth 3, other datasets and the language models stay held out
+register_family("mlp-mnist1d-relu", functools.partial(
+    MLPFamily, datasets=("mnist1d",), depths=(1, 2), widths=(16, 32, 64), activations=("relu",),
+    batch_sizes=(64, 128, 256)))
 register_family("cnn", CNNFamily)
 register_family("rnn-lm", RNNLMFamily)
 register_family("transformer-lm", TransformerLMFamily)

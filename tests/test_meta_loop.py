@@ -279,3 +279,38 @@ def test_without_tensorboard_one_info_line_and_csv_only(tmp_path, monkeypatch, c
     meta_train(MetaTrainConfig(run_dir=str(tmp_path / "b"), **dict(TINY, meta_steps=1)), progress=False)
     assert capsys.readouterr().err.count("tensorboard is not installed") == 1
     assert not (tmp_path / "a" / "tb").exists() and (tmp_path / "a" / "metrics.csv").exists()
+
+
+def test_a_non_finite_meta_gradient_is_skipped(tmp_path, monkeypatch):
+    """A truncation whose estimate is NaN (a diverged inner run) leaves the meta-parameters finite and unchanged;
+    the step is logged with a non-finite grad_norm and training goes on."""
+    import meta_train.estimators as E
+
+    calls = {"n": 0}
+    step = E.PES.step
+
+    def poisoned(self, *args, **kwargs):
+        grads, loss = step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            grads = {k: torch.full_like(v, float("nan")) for k, v in grads.items()}
+        return grads, loss
+
+    monkeypatch.setattr(E.PES, "step", poisoned)
+    seen = []
+    cfg = MetaTrainConfig(run_dir=str(tmp_path), meta_steps=4, truncation=2, particles=2, horizon=20, meta_lr=1e-2)
+    import meta_train.loop as L
+
+    adam_step = torch.optim.Adam.step
+
+    def watch(self, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in enumerate(p for g in self.param_groups for p in g["params"])})
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", watch)
+    rule = L.meta_train(cfg, progress=False)
+    assert len(seen) == 3  # four meta-steps, one skipped
+    assert all(torch.isfinite(p).all() for p in rule.parameters())
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
+    norms = [float(r.split(",")[2]) for r in rows]
+    assert not math.isfinite(norms[1]) and all(math.isfinite(n) for k, n in enumerate(norms) if k != 1)
