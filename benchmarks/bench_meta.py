@@ -1,11 +1,15 @@
 """Benchmark: meta-training throughput.
 
-    python benchmarks/bench_meta.py [--quick] [--threads 1 2] [--repeats 5]
+    python benchmarks/bench_meta.py [--quick] [--threads 1 2] [--repeats 5] [--default-allocator]
 
-(a) One PES meta-step with the population vectorised by ``torch.func.vmap`` (``meta_train.estimators.PES``) against
-    the same math as a Python loop over particles (one ``unroll`` per particle and sign): 16 particles, truncation
-    10, ``mlp-digits``, deepset family; the median of ``--repeats`` timed steps after one warm-up, per thread count.
-(b) Meta-steps per second of the loop's PES step (batches, noise, vmapped PES, clipping, Adam) on each of the
+(a) One PES meta-step with the population vectorised (``meta_train.estimators.PES.step``: the + and - runs of all
+    particles as one population, the rule on batched tensors, the inner gradients from a vmapped loss) against the
+    same math as a Python loop over particles (one ``unroll`` per particle and sign): 16 particles, truncation 10,
+    ``mlp-digits``, deepset family (hidden 8); the median of ``--repeats`` timed steps after one warm-up, per
+    thread count. PES keeps glibc from returning its freed temporaries to the OS after every inner step
+    (``meta_train.estimators.keep_freed_memory``); ``--default-allocator`` times it without that (the loop
+    allocates small blocks and is unaffected either way).
+(b) Meta-steps per second of the loop's PES step (batches, noise, vectorised PES, clipping, Adam) on each of the
     paper's default tasks with the deepset family, 8 particles, truncation 10.
 
 Prints markdown tables. ``--quick`` times fewer steps (for a smoke test, not for numbers to record).
@@ -14,12 +18,14 @@ Prints markdown tables. ``--quick`` times fewer steps (for a smoke test, not for
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import time
 
 import torch
 
+import meta_train.estimators as estimators
 import optimizers as O
 from meta_train.build import build_rule
 from meta_train.estimators import PES, _weighted, draw_noise, unroll
@@ -115,14 +121,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median; default 5)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), help="tasks for (b)")
     parser.add_argument("--parts", nargs="+", choices=["a", "b"], default=["a", "b"], help="which benchmarks to run")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc settings alone (see meta_train.estimators.keep_freed_memory)")
     args = parser.parse_args()
     repeats = 1 if args.quick else args.repeats
+    if not args.default_allocator:
+        estimators.keep_freed_memory()  # as the command-line entry points do
 
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"threads {args.threads}, median of {repeats} step(s) after 1 warm-up\n")
+          f"threads {args.threads}, median of {repeats} step(s) after 1 warm-up, load average {load}, "
+          f"{'default' if args.default_allocator else 'tuned'} allocator\n")
     if "a" in args.parts:
-        print("(a) one PES meta-step, 16 particles, truncation 10, mlp-digits, deepset: vmap vs a Python loop\n")
-        print("| threads | vmap (s) | loop (s) | loop / vmap |")
+        print("(a) one PES meta-step, 16 particles, truncation 10, mlp-digits, deepset: vectorised population vs a "
+              "Python loop\n")
+        print("| threads | vectorised (s) | loop (s) | loop / vectorised |")
         print("|---:|---:|---:|---:|")
         for threads in args.threads:
             r = bench_vmap_vs_loop(threads, repeats)
@@ -130,7 +143,7 @@ def main() -> None:
         print()
     if "b" not in args.parts:
         return
-    print("(b) meta-steps per second, deepset, 8 particles, truncation 10 (PES, vmapped)\n")
+    print("(b) meta-steps per second, deepset, 8 particles, truncation 10 (PES, vectorised)\n")
     print("| task | inner params | threads | s / meta-step | meta-steps / s |")
     print("|---|---:|---:|---:|---:|")
     for name in args.tasks:

@@ -131,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = vars(parser.parse_args(argv))
     progress, stop_after = not args.pop("no_progress"), args.pop("stop_after")
+    from .estimators import keep_freed_memory
+
+    keep_freed_memory()  # a process of our own: let glibc reuse freed blocks (see there)
     try:
         cfg = config_from_args(args)
     except ValueError as e:

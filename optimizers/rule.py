@@ -16,12 +16,13 @@ or whose update would be, are skipped: neither their momenta nor their value cha
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .features import MOMENTUM_DECAYS, Segments, compute_features
+from .features import MOMENTUM_DECAYS, Segments, compute_features, step_encoding, tensor_features
 
 __all__ = ["LearnedRule", "RuleState", "init", "N_MOMENTA"]
 
@@ -30,7 +31,8 @@ N_MOMENTA = 1 + len(MOMENTUM_DECAYS)  # base momentum (gamma0) first, then the f
 
 @dataclass
 class RuleState:
-    """Optimizer state of one flat parameter vector: momenta (7, N) fp32, step (0-d fp32)."""
+    """Optimizer state of one flat parameter vector: momenta (7, N) fp32, step (0-d fp32) (or of a population:
+    (P, 7, N) and (P,))."""
 
     momenta: torch.Tensor
     step: torch.Tensor
@@ -38,6 +40,12 @@ class RuleState:
 
 def init(n: int, device: torch.device | str = "cpu") -> RuleState:
     return RuleState(torch.zeros(N_MOMENTA, n, device=device), torch.zeros((), device=device))
+
+
+def _isfinite(x: torch.Tensor) -> torch.Tensor:
+    """``torch.isfinite(x)`` as ``|x| < inf`` (False for NaN too): two vectorised kernels, where ``isfinite``
+    runs four and is several times slower on CPU."""
+    return x.abs() < math.inf
 
 
 class LearnedRule(nn.Module):
@@ -70,7 +78,8 @@ class LearnedRule(nn.Module):
         fixed = self._fixed_decays
         if fixed.device != self.raw_gamma0.device or fixed.dtype != self.raw_gamma0.dtype:
             fixed = self._fixed_decays = fixed.to(self.raw_gamma0.device, self.raw_gamma0.dtype)
-        return torch.cat([self.gamma0.reshape(1), fixed])
+        gamma0 = self.gamma0  # (...): a population of rules has one per rule
+        return torch.cat([gamma0.unsqueeze(-1), fixed.expand(*gamma0.shape, fixed.shape[0])], -1)  # (..., 7)
 
     def with_f(self, f: nn.Module) -> LearnedRule:
         """A rule with these scalars (copied) and another ``f`` (e.g. the same weights on another spec)."""
@@ -91,16 +100,30 @@ class LearnedRule(nn.Module):
 
         ``skipped`` (N,) bool marks elements left untouched because their gradient was not finite; ``active``
         (N,) bool, if given, marks the elements that have a gradient at all (the others are left untouched too).
+
+        If ``f`` has ``forward_factored`` (:mod:`optimizers.families`), the step also runs on a population: leading
+        axes on ``param``, ``grad`` (P, N), the state (P, 7, N) and (P,), and on the meta-parameters substituted by
+        ``torch.func.functional_call`` (P, ...); any of them may be unbatched, shared by all.
         """
-        finite = torch.isfinite(grad)
+        finite = _isfinite(grad)
         ok = finite if active is None else finite & active
-        g = torch.where(ok, grad, torch.zeros_like(grad))
-        momenta = torch.where(ok, self.decays()[:, None] * state.momenta + g, state.momenta)
-        features = compute_features(param, g, momenta[1:], state.step, segments)
-        learned = self.bound * torch.tanh(self.f(features, segments) / self.bound)
-        direction = momenta[0] + self.beta * learned
+        g = torch.where(ok, grad, 0.0)
+        # as SGD: multiply, then add (in place into the fresh product: autograd keeps mul's inputs, not its output).
+        # Skipped elements keep their momenta: lerp with weight 0 or 1 selects, like ``where`` but as a vectorised
+        # kernel (3x faster on CPU); the values are exact while updated - momenta is finite (|momenta| < 1.7e38)
+        updated = (self.decays().unsqueeze(-1) * state.momenta).add_(g.unsqueeze(-2))
+        momenta = torch.lerp(state.momenta, updated, ok.unsqueeze(-2).to(updated.dtype))
+        feature_momenta = momenta[..., 1:, :]
+        factored = getattr(self.f, "forward_factored", None)
+        if factored is not None:  # the step channels are the same for every element: not materialised (N, 11)
+            out = factored(tensor_features(param, g, feature_momenta, segments), step_encoding(state.step), segments)
+        else:
+            out = self.f(compute_features(param, g, feature_momenta, state.step, segments), segments)
+        # momenta[0] + beta * (B tanh(f / B)), with the two scalars multiplied first (as the fast path does)
+        direction = torch.addcmul(momenta[..., 0, :], torch.tanh(out / self.bound),
+                                  (self.bound * self.beta).unsqueeze(-1))
         # one fused multiply-add, as torch.optim.SGD does: beta = 0 reproduces it bit for bit
-        new_param = torch.addcmul(param, direction, -(lr * self.alpha))
-        new_param = torch.where(ok & torch.isfinite(new_param), new_param, param)
+        new_param = torch.addcmul(param, direction, (-(lr * self.alpha)).unsqueeze(-1))
+        new_param = torch.where(ok & _isfinite(new_param), new_param, param)
         skipped = ~finite if active is None else active & ~finite
         return new_param, RuleState(momenta, state.step + 1), skipped

@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from meta_train.estimators import keep_freed_memory
+
+    keep_freed_memory()  # a process of our own: let glibc reuse freed blocks (see there; a no-op elsewhere)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("default")
