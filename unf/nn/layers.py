@@ -451,7 +451,7 @@ class UNFLinear(nn.Module):
         reduces only its own slot. This beats the reduce-then-mix plan when ``out_channels`` times the terms per
         entry is below ``in_channels`` times the reductions per entry, and the big entries have small fixed axes
         (reductions over short trailing axes are slow): the learned optimizer's 1-channel read-out over a CNN is
-        ~4x faster this way. It also reads channels-last activations directly (no transposed copy).
+        3-5x faster this way. It also reads channels-last activations directly (no transposed copy).
 
         ``workspace``: without autograd, a dict in which the projections' buffers are kept for the next call
         (fresh multi-MB allocations page-fault on every call); the caller owns it.
