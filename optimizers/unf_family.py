@@ -97,6 +97,7 @@ class UNFFamily(nn.Module):
         if bool((ids < 0).any()) or sum(counts) != offset:
             raise ValueError("the spec's entries do not cover every parameter element exactly once")
         self._index = index
+        self.__dict__["_device_index"] = {}  # copies of the old maps on other devices are stale now
         # entries that are a whole run of the flat vector in their own layout (a plain parameter tensor) are read
         # as views, and if such runs tile the vector the outputs concatenate in order without a gather
         self._slices = {}
@@ -146,7 +147,7 @@ class UNFFamily(nn.Module):
                     start, n = self._slices[name]
                     rows[name] = h[start:start + n]
                 else:
-                    rows[name] = h[index.reshape(-1).to(h.device)]
+                    rows[name] = h[self._on(name, index, h.device).reshape(-1)]
             out = self.head.forward_rows(rows, workspace)
             return self._flat_output(out)
         # channels-first entries: the UNF layer's reductions run over contiguous entry axes (5x faster than
@@ -158,15 +159,25 @@ class UNFFamily(nn.Module):
                 start, n = self._slices[name]
                 entries[name] = ht[:, start:start + n].view(1, ht.shape[0], *index.shape)
             else:
-                entries[name] = ht[:, index.to(h.device)].unsqueeze(0)
+                entries[name] = ht[:, self._on(name, index, h.device)].unsqueeze(0)
         return self._flat_output(self.head(entries))
+
+    def _on(self, key: str, index: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """An index map on ``device``, copied there once (not on every optimizer step)."""
+        if index.device == device:
+            return index
+        cache = self.__dict__.setdefault("_device_index", {})
+        hit = cache.get((key, device))
+        if hit is None:
+            hit = cache[(key, device)] = index.to(device)
+        return hit
 
     def _flat_output(self, out) -> torch.Tensor:
         """The 1-channel outputs per entry as one (N,) vector in the flat parameter layout."""
         if self._tiling is not None:
             return torch.cat([out[name].reshape(-1) for name in self._tiling])
         # entries partition the parameters: one gather puts every output element back at its flat position
-        gather = self._gather.to(out[self.spec.entries[0].name].device)
+        gather = self._on("", self._gather, out[self.spec.entries[0].name].device)
         return torch.cat([out[name].reshape(-1) for name in self._index])[gather]
 
     # ------------------------------------------------------------------ transfer
