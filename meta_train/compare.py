@@ -25,7 +25,6 @@ import dataclasses
 import json
 import math
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,8 +36,8 @@ from tqdm import tqdm
 
 import optimizers as O
 from optimizers.rule import RuleState
-from unf import UnknownOpWarning, derive_spec
 
+from .build import task_spec
 from .estimators import FlatProblem
 from .tasks import Task, get_task
 
@@ -126,7 +125,7 @@ def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: in
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
     if isinstance(rule.f, O.UNFFamily):  # read the flat vector as this task's spec entries
-        spec = _task_spec(task)
+        spec = task_spec(task)
         f = copy.deepcopy(rule.f) if rule.f.spec == spec else rule.f.transfer(spec)
         problem = dataclasses.replace(problem, segments=f.bind_layout(list(example),
                                                                       [p.shape for p in example.values()]))
@@ -153,12 +152,6 @@ def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: in
 
     with torch.no_grad():
         return _population(task, problem, seeds, 1, steps, init, update, f"{task.name} {desc}", progress)
-
-
-def _task_spec(task: Task):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UnknownOpWarning)
-        return derive_spec(task.model, task.example_inputs).parameters_only()
 
 
 def final_loss(losses: torch.Tensor, t: int, window: int = WINDOW) -> torch.Tensor:

@@ -50,22 +50,22 @@ def _prod(xs: Sequence[int]) -> int:
     return out
 
 
+def _reduce_step(t: torch.Tensor, ops: Sequence[tuple[int, int]], perm: tuple[int, ...] | None,
+                 dims: tuple[int, ...]) -> torch.Tensor:
+    """One reduction: the diagonal view ``ops`` (then ``perm``) of ``t``, summed over ``dims``."""
+    for d1, d2 in ops:
+        t = t.diagonal(0, d1, d2)
+    if perm is not None:
+        t = t.permute(perm)
+    return t.sum(dims) if dims else t
+
+
 def _reduce_tree(xs: Sequence[torch.Tensor], reds: Sequence[tuple]) -> list[torch.Tensor]:
     """Run a reduction tree: each ``(parent, input, diagonal ops, permutation, summed dims)`` step starts from the
-    diagonal view of an input (``parent is None``) or from an earlier step's result, then sums ``dims``."""
+    diagonal view of an input (``parent is None``; later steps have no ops) or from an earlier step's result."""
     out: list[torch.Tensor] = []
     for parent, inp, ops, perm, mean_dims in reds:
-        if parent is None:
-            t = xs[inp]
-            for d1, d2 in ops:
-                t = t.diagonal(0, d1, d2)
-            if perm is not None:
-                t = t.permute(perm)
-        else:
-            t = out[parent]
-        if mean_dims:
-            t = t.sum(mean_dims)
-        out.append(t)
+        out.append(_reduce_step(xs[inp] if parent is None else out[parent], ops, perm, mean_dims))
     return out
 
 
@@ -156,7 +156,7 @@ class UNFLinear(nn.Module):
 
         # ---- reductions
         self._reds = []
-        red_scale: list[float] = []
+        red_scale: list[float] = []  # kept as self._red_scale: forward_rows folds it into its projections
         for r in plan.reductions:
             ops, perm = diagonal_ops(r.struct) if r.parent is None else ((), None)
             if perm is not None and perm == tuple(range(len(perm))):
@@ -166,6 +166,7 @@ class UNFLinear(nn.Module):
             # small multiply per matmul instead of one per reduction, and no full-size division in backward)
             red_scale.append(1.0 / _prod([bsize[b] for b in bsize if b not in r.kept]))
             self._reds.append((r.parent, r.inp, ops, perm, r.mean_dims))
+        self._red_scale = tuple(red_scale)
 
         # ---- mixes: weights, bias, and where each output piece goes
         fan_in = [0] * len(entries)
@@ -455,6 +456,10 @@ class UNFLinear(nn.Module):
 
         ``workspace``: without autograd, a dict in which the projections' buffers are kept for the next call
         (fresh multi-MB allocations page-fault on every call); the caller owns it.
+
+        Limit: layers with ``fixed="relax"`` and no positional encodings only (as every :class:`RoleUNFLinear`
+        and the learned optimizer's read-out); folded exact axes would need the folding permutations here too,
+        so other layers raise ``NotImplementedError`` and are evaluated with :meth:`forward`.
         """
         if any(order is not None for order, _ in self._fold_in) or len(self.pos_enc):
             raise NotImplementedError("forward_rows supports relaxed fixed axes without positional encodings "
@@ -482,13 +487,8 @@ class UNFLinear(nn.Module):
             acc = None
             for inp, slot, chain, perm in parts:
                 t = proj[inp][:, slot * co:(slot + 1) * co]
-                for ops, dperm, dims in chain:
-                    for d1, d2 in ops:
-                        t = t.diagonal(0, d1, d2)
-                    if dperm is not None:
-                        t = t.permute(dperm)
-                    if dims:
-                        t = t.sum(dims)
+                for step in chain:
+                    t = _reduce_step(t, *step)
                 if perm is not None:
                     t = t.permute(perm)
                 acc = t if acc is None else acc + t
@@ -514,10 +514,7 @@ class UNFLinear(nn.Module):
         for parts, _, rows, _, _, _ in self._mixes:
             offsets.append(off)
             off += sum(rows) * sum(self._cin[plan.reductions[rid].inp] for rid, _ in parts)
-        red_scale = []
-        for r in plan.reductions:
-            bsize = {b: n for b, n in zip(r.struct, plan.entries[r.inp].sizes)}
-            red_scale.append(1.0 / _prod([bsize[b] for b in bsize if b not in r.kept]))
+        red_scale = self._red_scale
         chains = []
         for rid in range(len(plan.reductions)):
             steps, r = [], rid
