@@ -5,8 +5,11 @@ None are skipped, ``zero_grad``, ``add_param_group``, step hooks, LR schedulers 
 ``state_dict()`` / ``load_state_dict()`` round-trip exactly (optimizer state is fp32 whatever the parameter dtype).
 
 Speed: each param group keeps its state in one flat fp32 buffer; a step concatenates parameters and gradients
-once, runs the rule as a handful of whole-buffer kernels (no per-tensor loops with host syncs), and writes back
-with ``torch._foreach_add_``. Per-parameter ``state[p]`` entries are views into the flat buffers.
+once, runs the rule as whole-buffer kernels (no per-tensor loops with host syncs), and writes back with one
+``torch._foreach_copy_``. Per-parameter ``state[p]`` entries are views into the flat buffers. Three kernels
+compute the same rule (to rounding), chosen once per group: on a CPU, :mod:`optimizers.small` for models below
+:data:`optimizers.fast.CHUNK` elements (few, precompiled ops: small models are bound by op count) and
+:mod:`optimizers.fast` above (cache-sized chunks); elsewhere (GPUs, custom families) :meth:`LearnedRule.update`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,14 @@ from torch.optim import Optimizer
 from .fast import fast_update, supports_fast_path
 from .features import Segments
 from .rule import N_MOMENTA, LearnedRule, RuleState
+from .small import small_update, supports_small_path
 
 __all__ = ["LearnedOptimizer"]
+
+
+def _flat32(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1)
+    return t if t.dtype == torch.float32 else t.float()
 
 
 class _Flat:
@@ -111,21 +120,33 @@ class LearnedOptimizer(Optimizer):
             if not params or all(p.grad is None for p in params):
                 continue
             flat = self._flat_for(index, group)
-            if next(self.rule.parameters()).device != flat.momenta.device:
-                self.rule.to(flat.momenta.device)
-            missing = any(p.grad is None for p in params)
+            path = flat.workspace.get("path")
+            if path is None or path[0] is not self.rule.f:  # decided once per group and rule
+                if next(self.rule.parameters()).device != flat.momenta.device:
+                    self.rule.to(flat.momenta.device)
+            missing = False
             for p in params:
-                if p.grad is not None and p.grad.is_sparse:
+                if p.grad is None:
+                    missing = True
+                elif p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-            grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                              for p in params])
+            # (no-op casts and detaches cost a dispatch each: skipped; the step runs under no_grad)
+            grad = torch.cat([_flat32(p.grad if p.grad is not None else torch.zeros_like(p)) for p in params])
             active = None
             if missing:
                 active = torch.cat([torch.full((p.numel(),), p.grad is not None, device=grad.device)
                                     for p in params])
-            param = torch.cat([p.detach().reshape(-1).float() for p in params])
+            param = torch.cat([_flat32(p) for p in params])
             state = RuleState(flat.momenta, flat.step)
-            if supports_fast_path(self.rule, param.shape[0], param.device):
+            if path is None or path[0] is not self.rule.f:  # which kernel runs this group
+                n, device = param.shape[0], param.device
+                kind = ("small" if supports_small_path(self.rule, n, device) else
+                        "chunked" if supports_fast_path(self.rule, n, device) else "reference")
+                path = flat.workspace["path"] = (self.rule.f, kind)
+            if path[1] == "small":
+                new_param, new, skipped = small_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
+                                                       active=active, workspace=flat.workspace)
+            elif path[1] == "chunked":
                 new_param, new, skipped = fast_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
                                                       active=active, workspace=flat.workspace)
             else:
@@ -133,9 +154,18 @@ class LearnedOptimizer(Optimizer):
                                                            active=active)
             if new.momenta is not flat.momenta:  # the fast path updates in place
                 flat.momenta.copy_(new.momenta)
-            flat.step.copy_(new.step)
-            flat.skipped.index_add_(0, flat.tensor_ids, skipped.to(torch.int64))
-            torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
+            if new.step is not flat.step:
+                flat.step.copy_(new.step)
+            if skipped is not None:  # (None: nothing skipped)
+                flat.skipped.index_add_(0, flat.tensor_ids, skipped.to(torch.int64))
+            if new_param is flat.workspace.get("small_out"):  # a buffer the small path reuses: views made once
+                views = flat.workspace.get("small_out_views")
+                if views is None or views[0] is not new_param:
+                    views = flat.workspace["small_out_views"] = (new_param, [
+                        v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
+                torch._foreach_copy_(params, views[1])
+            else:
+                torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
         return loss
 
     # ------------------------------------------------------------------ param groups and state

@@ -378,6 +378,22 @@ class UNFLinear(nn.Module):
                 return self.weights[mi][r0:r0 + self._cout[grp.out], c0:c0 + self._cin[term.inp]]
         raise AssertionError("term not found in any mix")
 
+    def term_coefficients(self) -> list[torch.Tensor]:
+        """Every term's *effective* ``(out_channels', in_channels')`` coefficient, read from
+        :meth:`mix_weights` (so a tied subclass gives what it computes, e.g. :class:`RoleUNFLinear`'s averaging
+        over the terms of one key). It multiplies the term's *mean* reduction, as in
+        :meth:`unf.nn.basis.Term.equation`. Differentiable; one list per call."""
+        weights = self.mix_weights()
+        mix_of = {g: mi for mi, m in enumerate(self.plan.mixes) for g in m.groups}
+        out = []
+        for term in self.plan.terms:
+            g, k = self.plan.term_group[term.index]
+            mi = mix_of[g]
+            r0 = self._row_offsets[mi][self.plan.mixes[mi].groups.index(g)]
+            c0 = self._col_offsets[mi][k]
+            out.append(weights[mi][r0:r0 + self._cout[term.out], c0:c0 + self._cin[term.inp]])
+        return out
+
     def bias_of(self, entry: str) -> torch.Tensor | None:
         """The per-channel constant of ``entry`` (``(out_channels',)``), or None without bias."""
         if self.bias is None:
@@ -394,14 +410,15 @@ class UNFLinear(nn.Module):
     def bias_terms(self) -> list[tuple[str, tuple[int, ...], torch.Tensor]]:
         """Every learned constant: ``(entry name, output block labels, (out_channels',) values)``; labels
         with a repeated block put the constant on that diagonal (``(0, 0)``: a multiple of the identity)."""
-        if self.bias is None:
+        bias = self.bias_vector()  # (a subclass may tie its constants: read what the layer adds)
+        if bias is None or self._bias_mix < 0:
             return []
         m = self.plan.mixes[self._bias_mix]
         out = []
         for j, g in enumerate(m.groups):
             grp = self.plan.groups[g]
             r0 = self._row_offsets[self._bias_mix][j]
-            out.append((self.names[grp.out], grp.out_labels, self.bias[r0:r0 + self._cout[grp.out]]))
+            out.append((self.names[grp.out], grp.out_labels, bias[r0:r0 + self._cout[grp.out]]))
         return out
 
     # ------------------------------------------------------------------ forward
