@@ -1,15 +1,17 @@
 """Benchmark: full training step (forward + backward + optimizer step) with learned optimizers vs torch.optim.Adam,
 measured side by side in one run.
 
-    python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--seed 0] [--device cpu|cuda]
+    python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--rounds 5] [--seed 0] [--device cpu|cuda]
 
 Tasks: the UNF paper's MLP (64 -> 32 -> 10, 2.4k parameters, batch 128) and a ~1M-parameter CNN (4 conv layers,
-32x32 RGB input, batch 128). Reports the median step time of each optimizer and its ratio to Adam's.
+32x32 RGB input, batch 128). Reports the median step time of each optimizer and its ratio to Adam's; the optimizers
+take turns (interleaved rounds), so a drifting machine affects all alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import platform
 import statistics
 import time
@@ -50,9 +52,9 @@ def optimizer_factories() -> dict[str, Callable[[nn.Module, torch.Tensor], torch
 
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
-               warmup: int = 3) -> tuple[float, float]:
-    """Median seconds of a full training step, and median seconds of opt.step() alone (on a GPU, synchronised
-    before each clock reading so that queued kernels count where they belong)."""
+               warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Seconds of each full training step, and of opt.step() alone (on a GPU, synchronised before each clock
+    reading so that queued kernels count where they belong)."""
     loss_fn = nn.CrossEntropyLoss()
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     full, opt_only = [], []
@@ -69,7 +71,7 @@ def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y:
         if i >= warmup:
             full.append(end - start)
             opt_only.append(end - mid)
-    return statistics.median(full), statistics.median(opt_only)
+    return full, opt_only
 
 
 def main() -> None:
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the steps are split into")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -87,17 +90,29 @@ def main() -> None:
         torch.manual_seed(args.seed)
         model, x, y = TASKS[name]()
         model, x, y = model.to(device), x.to(device), y.to(device)
-        init = {k: v.clone() for k, v in model.state_dict().items()}
         n = sum(p.numel() for p in model.parameters())
-        print(f"\n{name}: {n:,} parameters, batch {x.shape[0]}, {args.steps} timed steps (median)")
-        results = {}
+        print(f"\n{name}: {n:,} parameters, batch {x.shape[0]}, {args.steps} timed steps per optimizer in "
+              f"{args.rounds} interleaved rounds (medians; per-round ratio range in brackets)")
+        # every optimizer trains its own copy; rounds alternate between them, so that drifts of the machine
+        # (frequency, other tenants) fall on all of them alike
+        runs = {}
         for opt_name, make in optimizer_factories().items():
-            model.load_state_dict(init)
-            results[opt_name] = time_steps(model, make(model, x), x, y, args.steps)
-        base = results["Adam"][0]
-        for opt_name, (full, step) in results.items():
-            print(f"  {opt_name:13s} step {full * 1e3:8.2f} ms  ({full / base:5.2f}x Adam)   "
-                  f"optimizer.step alone {step * 1e3:8.2f} ms")
+            m = copy.deepcopy(model)
+            runs[opt_name] = (m, make(m, x))
+        times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in runs}
+        per_round: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(args.rounds):
+            for opt_name, (m, opt) in runs.items():
+                full, step = time_steps(m, opt, x, y, max(1, args.steps // args.rounds))
+                times[opt_name][0].extend(full)
+                times[opt_name][1].extend(step)
+                per_round[opt_name].append(statistics.median(full))
+        base = statistics.median(times["Adam"][0])
+        for opt_name, (full, step) in times.items():
+            ratios = [a / b for a, b in zip(per_round[opt_name], per_round["Adam"])]
+            print(f"  {opt_name:13s} step {statistics.median(full) * 1e3:8.2f} ms  "
+                  f"({statistics.median(full) / base:5.2f}x Adam [{min(ratios):.2f}-{max(ratios):.2f}])   "
+                  f"optimizer.step alone {statistics.median(step) * 1e3:8.2f} ms")
 
 
 if __name__ == "__main__":

@@ -440,14 +440,14 @@ def small_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, sta
     stats = mats.mean @ stats_in  # (T, 16): means, then mean squares
     means, rms = stats[:, :k], stats[:, k:]
     rms.add_(_EPS).rsqrt_()
-    torch.mul(raw, rms.index_select(0, mats.ids), out=x)
+    torch.mul(raw, torch.index_select(rms, 0, mats.ids, out=x), out=x)
     bias0 = weights.first_bias(plan, state.step)
 
     layers = weights.layers
     pooled = type(rule.f) is not PerParamMLP
     last = len(layers) - 1 if plan.readout is None else len(layers)
     for depth, (w, p, b) in enumerate(layers):
-        y = plan.buffer(f"layer{depth}", n, w.shape[1])
+        y = plan.buffer(f"layer{depth % 2}", n, w.shape[1])  # two buffers in turn: less cache for the step
         if depth == 0:
             b = bias0
             if pooled:
