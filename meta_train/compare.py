@@ -13,8 +13,9 @@ Protocol (what the numbers in BENCHMARKS.md mean):
   smooth, no extra evaluation passes. A run whose loss turns NaN/Inf counts as ``inf``.
 - Runs are *populations*: all (seed, learning rate) runs of one optimizer step together as one batched tensor
   program (``torch.func.vmap`` over flat parameter vectors), which is what makes a 7 x 5 grid of 10,000-step runs
-  affordable on a laptop CPU. The functional Adam / SGDM here are tested against ``torch.optim`` and the learned
-  rule is the very :meth:`optimizers.LearnedRule.update` that :class:`optimizers.LearnedOptimizer` runs.
+  affordable on a laptop CPU. The functional Adam / SGDM here are tested against ``torch.optim``; the learned
+  rule is :meth:`optimizers.LearnedRule.update`, which :class:`optimizers.LearnedOptimizer` runs too (on a CPU
+  through its faster kernels, equal to float rounding: ``tests/test_small_path.py``, ``test_fast_path_*``).
 """
 
 from __future__ import annotations
