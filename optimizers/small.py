@@ -406,11 +406,11 @@ def small_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, sta
     (``workspace["small_out"]``), overwritten by the next step."""
     workspace = {} if workspace is None else workspace
     n = param.shape[0]
-    key = (id(rule.f), id(segments), n)
     plan = workspace.get("small_plan")
-    if plan is None or workspace.get("small_key") != key:
+    key = workspace.get("small_key")  # the objects themselves (not ids, which a new object may reuse)
+    if plan is None or key[0] is not rule.f or key[1] is not segments or key[2] != n:
         plan = workspace["small_plan"] = SmallPlan(rule, segments, n)
-        workspace["small_key"] = key
+        workspace["small_key"] = (rule.f, segments, n)
         workspace.pop("small_weights", None)
     version = plan.version()
     weights = workspace.get("small_weights")
