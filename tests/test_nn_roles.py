@@ -109,3 +109,21 @@ def test_role_state_transfers_to_a_deeper_wider_model():
         torch.testing.assert_close(out_a[k], out_c[k])
     with pytest.raises(ValueError, match="channels"):
         RoleUNFLinear(a.spec, 2, 3).load_role_state(a.role_state())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "gru", "gpt2"])
+def test_a_converted_layer_keeps_its_exact_mean_scales(name):
+    """1/n constants (reduction means, role averaging) are re-derived on ``.double()``, not cast up from float32:
+    a layer built in float32 and converted computes exactly what one built in float64 computes."""
+    model, x = build(name)
+    spec = _spec(model, x)
+    for cls in (UNFLinear, RoleUNFLinear):
+        torch.manual_seed(0)
+        converted = cls(spec, 2, 3).double()
+        native = cls(spec, 2, 3, dtype=torch.float64)
+        native.load_state_dict(converted.state_dict())
+        xs = _features(spec, 2)
+        with torch.no_grad():
+            a, b = converted(xs), native(xs)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (cls.__name__, k)

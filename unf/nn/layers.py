@@ -198,10 +198,11 @@ class UNFLinear(nn.Module):
                 nn.init.normal_(w[off:off + nr], 0.0, std)
                 off += nr
             self.weights.append(nn.Parameter(w))
-            scale = torch.cat([torch.full((n,), red_scale[rid], **fk) for (rid, _), n in zip(m.parts, cols)])
-            has_scale = bool((scale != 1).any())
+            exact = torch.cat([torch.full((n,), red_scale[rid], dtype=torch.float64) for (rid, _), n in
+                               zip(m.parts, cols)])
+            has_scale = bool((exact != 1).any())
             if has_scale:
-                self.register_buffer(f"_colscale{m.index}", scale, persistent=False)
+                self._exact_buffer(f"_colscale{m.index}", exact, fk)
             if bias and not kept_sizes:
                 if self.bias is not None:  # all "nothing kept" patterns read the same reductions
                     raise AssertionError("UNF plan has two constant-pattern mixes")
@@ -350,6 +351,22 @@ class UNFLinear(nn.Module):
         # reductions in reverse order for the backward tree
         self._btree = tuple((r, red[0], red[1], red[2], red[3], self._unsq[r], self._tree_spec[r])
                             for r, red in reversed(list(enumerate(self._reds))))
+
+    # ------------------------------------------------------------------ exact constant buffers
+    def _exact_buffer(self, name: str, value: torch.Tensor, fk: dict) -> None:
+        """A non-persistent buffer of constants (such as 1/n) kept in float64 too, so that converting the layer
+        (``.double()``) gives the exact values, not a float32 rounding of them cast up."""
+        self.__dict__.setdefault("_exact", {})[name] = value
+        self.register_buffer(name, value.to(device=fk.get("device"), dtype=fk.get("dtype") or
+                                            torch.get_default_dtype()), persistent=False)
+
+    def _apply(self, fn, recurse: bool = True):
+        out = super()._apply(fn, recurse)
+        for name, value in self.__dict__.get("_exact", {}).items():  # re-derived after every conversion
+            buf = self._buffers.get(name)
+            if buf is not None and buf.is_floating_point():
+                self._buffers[name] = value.to(device=buf.device, dtype=buf.dtype)
+        return out
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -114,14 +114,14 @@ class RoleUNFLinear(UNFLinear):
         self._mix_shape: list[tuple[int, int]] = []
         for mi, m in enumerate(plan.mixes):
             ids = torch.empty(len(m.groups), len(m.parts), dtype=torch.int64)
-            scale = torch.empty(len(m.groups), len(m.parts))
+            scale = torch.empty(len(m.groups), len(m.parts), dtype=torch.float64)
             for j, g in enumerate(m.groups):
                 for k in range(len(m.parts)):
                     t = plan.terms[block_term[(g, k)]]
                     ids[j, k] = key_id.get(roles[t.index], absent)
                     scale[j, k] = 1.0 / count[(t.out, roles[t.index])]
             self.register_buffer(f"_role_ids{mi}", ids, persistent=False)
-            self.register_buffer(f"_role_scale{mi}", scale.to(dtype or torch.get_default_dtype()), persistent=False)
+            self._exact_buffer(f"_role_scale{mi}", scale, {"device": device, "dtype": dtype})
             self._mix_shape.append((len(m.groups), len(m.parts)))
         fk = {"device": device, "dtype": dtype}
         # fan-in: input channels times the number of distinct keys feeding an output entry (averaged within a key)
