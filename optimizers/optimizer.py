@@ -121,9 +121,14 @@ class LearnedOptimizer(Optimizer):
                 continue
             flat = self._flat_for(index, group)
             path = flat.workspace.get("path")
-            if path is None or path[0] is not self.rule.f:  # decided once per group and rule
-                if next(self.rule.parameters()).device != flat.momenta.device:
-                    self.rule.to(flat.momenta.device)
+            if path is None or path[0] is not self.rule.f:  # the rule's device and the kernel: once per group and rule
+                device = flat.momenta.device
+                if next(self.rule.parameters()).device != device:
+                    self.rule.to(device)
+                n = flat.momenta.shape[1]
+                kind = ("small" if supports_small_path(self.rule, n, device) else
+                        "chunked" if supports_fast_path(self.rule, n, device) else "reference")
+                path = flat.workspace["path"] = (self.rule.f, kind)
             missing = False
             for p in params:
                 if p.grad is None:
@@ -138,11 +143,6 @@ class LearnedOptimizer(Optimizer):
                                     for p in params])
             param = torch.cat([_flat32(p) for p in params])
             state = RuleState(flat.momenta, flat.step)
-            if path is None or path[0] is not self.rule.f:  # which kernel runs this group
-                n, device = param.shape[0], param.device
-                kind = ("small" if supports_small_path(self.rule, n, device) else
-                        "chunked" if supports_fast_path(self.rule, n, device) else "reference")
-                path = flat.workspace["path"] = (self.rule.f, kind)
             if path[1] == "small":
                 new_param, new, skipped = small_update(self.rule, param, grad, state, flat.segments, lr=group["lr"],
                                                        active=active, workspace=flat.workspace)
@@ -158,14 +158,13 @@ class LearnedOptimizer(Optimizer):
                 flat.step.copy_(new.step)
             if skipped is not None:  # (None: nothing skipped)
                 flat.skipped.index_add_(0, flat.tensor_ids, skipped.to(torch.int64))
-            if new_param is flat.workspace.get("small_out"):  # a buffer the small path reuses: views made once
-                views = flat.workspace.get("small_out_views")
-                if views is None or views[0] is not new_param:
-                    views = flat.workspace["small_out_views"] = (new_param, [
-                        v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
-                torch._foreach_copy_(params, views[1])
-            else:
-                torch._foreach_copy_(params, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
+            reused = new_param is flat.workspace.get("small_out")  # a buffer the small path reuses: views made once
+            views = flat.workspace.get("small_out_views") if reused else None
+            if views is None or views[0] is not new_param:
+                views = (new_param, [v.view_as(p) for v, p in zip(new_param.split(flat.numels), params)])
+                if reused:
+                    flat.workspace["small_out_views"] = views
+            torch._foreach_copy_(params, views[1])
         return loss
 
     # ------------------------------------------------------------------ param groups and state

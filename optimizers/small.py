@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import torch
 
+from unf.nn.basis import canonical_labels
+
 from .families import DeepSet, PerParamMLP
 from .features import _EPS, N_TENSOR_FEATURES, Segments, step_encoding
 from .rule import LearnedRule, RuleState
@@ -92,12 +94,6 @@ def _coords(shape: Sequence[int]) -> list[torch.Tensor]:
     return out
 
 
-def _canon(labels: Sequence[int]) -> tuple[int, ...]:
-    """Relabel blocks by first appearance: (3, 1, 3) -> (0, 1, 0)."""
-    seen: dict[int, int] = {}
-    return tuple(seen.setdefault(b, len(seen)) for b in labels)
-
-
 def _on_diagonal(coords: list[torch.Tensor], labels: Sequence[int]) -> torch.Tensor:
     """Elements whose axes with equal labels have equal coordinates (all of them when no label repeats)."""
     n = coords[0].numel() if coords else 1
@@ -111,10 +107,10 @@ def _on_diagonal(coords: list[torch.Tensor], labels: Sequence[int]) -> torch.Ten
     return ok
 
 
-def _ravel(coords: list[torch.Tensor], labels: Sequence[int], blocks: Sequence[int], sizes: dict[int, int]
-           ) -> torch.Tensor:
+def _ravel(coords: list[torch.Tensor], labels: Sequence[int], blocks: Sequence[int],
+           sizes: dict[int, int] | Sequence[int]) -> torch.Tensor:
     """Row-major index over ``blocks`` (in that order) of every element; a block's coordinate is that of the
-    first axis carrying its label."""
+    first axis carrying its label, its size ``sizes[block]``."""
     n = coords[0].numel() if coords else 1
     idx = torch.zeros(n, dtype=torch.int64)
     for b in blocks:
@@ -206,30 +202,20 @@ class _Readout:
         def add_pair(source: int, i: int, in_labels, o: int, out_labels, kept_blocks, block_sizes) -> None:
             """A term reading entry i (``in_labels``) into entry o (``out_labels``), carrying ``kept_blocks``
             (in output first-appearance order)."""
-            in_map: dict[int, int] = {}
-            for b in in_labels:
-                in_map.setdefault(b, len(in_map))
-            out_map: dict[int, int] = {}
-            for b in out_labels:
-                out_map.setdefault(b, len(out_map))
+            r_labels, in_map = canonical_labels(in_labels)
+            u_labels, out_map = canonical_labels(out_labels)
             r_kept = tuple(sorted(in_map[b] for b in kept_blocks))
-            z0, z_strides = reduction(i, tuple(in_map[b] for b in in_labels), r_kept)
-            u_labels = tuple(out_map[b] for b in out_labels)
+            z0, z_strides = reduction(i, r_labels, r_kept)
             u_kept = tuple(out_map[b] for b in kept_blocks)
             u0 = pattern(o, u_labels, u_kept)
-            key = (z0, r_kept, u0, tuple(in_map[b] for b in kept_blocks))
+            key = (z0, u0, tuple(in_map[b] for b in kept_blocks))  # (z0 names the reduction)
             if key not in pairs:
-                kc = _coords([block_sizes[b] for b in kept_blocks])
+                kc = _coords([block_sizes[b] for b in kept_blocks])  # every kept index, in u's order
                 z = torch.full((kc[0].numel() if kc else 1,), z0, dtype=torch.int64)
-                u = torch.full_like(z, u0)
                 for c, b in zip(kc, kept_blocks):
                     z += c * z_strides[in_map[b]]
-                stride = 1
-                for c, b in zip(reversed(kc), reversed(kept_blocks)):
-                    u += c * stride
-                    stride *= block_sizes[b]
                 pairs[key] = []
-                pair_rows[key] = (z, u)
+                pair_rows[key] = (z, u0 + _ravel(kc, kept_blocks, kept_blocks, block_sizes))
             pairs[key].append(source)
 
         for t in plan.terms:
@@ -243,7 +229,7 @@ class _Readout:
         self.bias_slots = []  # the UNF layer's constants: (slot in u, index of the constant in bias_terms())
         for j, (name, labels, _) in enumerate(head.bias_terms()):
             o = head.names.index(name)
-            self.bias_slots.append((pattern(o, _canon(labels), ()), j))
+            self.bias_slots.append((pattern(o, canonical_labels(labels)[0], ()), j))
         self.entry_slot = [patterns[(k, tuple(range(len(e.shape))), ())] for k, e in enumerate(entries)]
 
         dtype = next(f.parameters()).dtype

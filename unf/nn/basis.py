@@ -59,6 +59,7 @@ __all__ = [
     "enumerate_terms",
     "build_plan",
     "reduction_tree",
+    "canonical_labels",
 ]
 
 _LETTERS = string.ascii_lowercase + string.ascii_uppercase
@@ -256,7 +257,7 @@ def enumerate_terms(entries: Sequence[BasisEntry]) -> list[Term]:
 
 
 # ---------------------------------------------------------------------------------------------- plan
-def _canon(labels: Sequence[int]) -> tuple[tuple[int, ...], dict[int, int]]:
+def canonical_labels(labels: Sequence[int]) -> tuple[tuple[int, ...], dict[int, int]]:
     """Relabel by first appearance; returns the new labels and old -> new map."""
     m: dict[int, int] = {}
     return tuple(m.setdefault(b, len(m)) for b in labels), m
@@ -432,7 +433,7 @@ def build_plan(entries: Sequence[BasisEntry], terms: Sequence[Term] | None = Non
     groups: dict[tuple, MixGroup] = {}
     term_group: list[tuple[int, int]] = []
     for t in terms:
-        struct, m = _canon(t.in_labels)
+        struct, m = canonical_labels(t.in_labels)
         kept_out_order = t.kept
         kept_sorted = tuple(sorted(m[b] for b in kept_out_order))
         key = (t.inp, struct, kept_sorted)

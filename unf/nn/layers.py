@@ -381,19 +381,23 @@ class UNFLinear(nn.Module):
         """One readable einsum-like line per basis term (see :meth:`unf.nn.basis.Term.equation`)."""
         return [t.equation(self.names) for t in self.plan.terms]
 
+    def _term_block(self, t: int) -> tuple[int, slice, slice]:
+        """Where term ``t``'s coefficient sits: (mix, rows, columns) of that mix's weight."""
+        g, k = self.plan.term_group[t]
+        term = self.plan.terms[t]
+        mix_of = self.__dict__.get("_mix_of")  # group -> (mix, row block), built once
+        if mix_of is None:
+            mix_of = self.__dict__["_mix_of"] = {g: (mi, j) for mi, m in enumerate(self.plan.mixes)
+                                                 for j, g in enumerate(m.groups)}
+        mi, j = mix_of[g]
+        r0, c0 = self._row_offsets[mi][j], self._col_offsets[mi][k]
+        return mi, slice(r0, r0 + self._cout[term.out]), slice(c0, c0 + self._cin[term.inp])
+
     def term_coefficient(self, t: int) -> torch.Tensor:
         """The ``(out_channels', in_channels')`` coefficient of term ``t`` (a view of the mix weight; primes:
         times the folded fixed size of the output / input entry under exact treatment)."""
-        g, k = self.plan.term_group[t]
-        grp = self.plan.groups[g]
-        for mi, m in enumerate(self.plan.mixes):
-            if g in m.groups:
-                j = m.groups.index(g)
-                r0 = self._row_offsets[mi][j]
-                c0 = self._col_offsets[mi][k]
-                term = self.plan.terms[t]
-                return self.weights[mi][r0:r0 + self._cout[grp.out], c0:c0 + self._cin[term.inp]]
-        raise AssertionError("term not found in any mix")
+        mi, rows, cols = self._term_block(t)
+        return self.weights[mi][rows, cols]
 
     def term_coefficients(self) -> list[torch.Tensor]:
         """Every term's *effective* ``(out_channels', in_channels')`` coefficient, read from
@@ -401,14 +405,10 @@ class UNFLinear(nn.Module):
         over the terms of one key). It multiplies the term's *mean* reduction, as in
         :meth:`unf.nn.basis.Term.equation`. Differentiable; one list per call."""
         weights = self.mix_weights()
-        mix_of = {g: mi for mi, m in enumerate(self.plan.mixes) for g in m.groups}
         out = []
-        for term in self.plan.terms:
-            g, k = self.plan.term_group[term.index]
-            mi = mix_of[g]
-            r0 = self._row_offsets[mi][self.plan.mixes[mi].groups.index(g)]
-            c0 = self._col_offsets[mi][k]
-            out.append(weights[mi][r0:r0 + self._cout[term.out], c0:c0 + self._cin[term.inp]])
+        for t in range(len(self.plan.terms)):
+            mi, rows, cols = self._term_block(t)
+            out.append(weights[mi][rows, cols])
         return out
 
     def bias_of(self, entry: str) -> torch.Tensor | None:
