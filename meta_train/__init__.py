@@ -1,6 +1,7 @@
 """Meta-training of learned optimizers: offline datasets (:mod:`meta_train.data`), functional training tasks
 and task families (:mod:`meta_train.tasks`), meta-gradient estimators (:mod:`meta_train.estimators`: BPTT, ES,
-PES), and the loop (:mod:`meta_train.loop`: atomic checkpoints, exact resume)."""
+PES), an imitation warm start (:mod:`meta_train.imitate`), and the loop (:mod:`meta_train.loop`: atomic
+checkpoints, exact resume)."""
 
 from .data import (
     WORK_SEPARATOR,
@@ -22,6 +23,7 @@ from .data import (
     shakespeare_slice_path,
 )
 from .estimators import PES, FlatProblem, bptt, es, unroll
+from .imitate import ScheduledNormalizedMomentum, teacher_snapshots  # (imitate() itself: meta_train.imitate.imitate)
 from .loop import MetaTrainConfig, meta_train
 from .tasks import (
     ACTIVATIONS,
@@ -62,6 +64,8 @@ __all__ = [
     "bptt",
     "es",
     "PES",
+    "ScheduledNormalizedMomentum",
+    "teacher_snapshots",
     # data
     "ClassificationData", "TextData", "CharTokenizer", "ByteTokenizer", "Tokenizer", "WORK_SEPARATOR",
     "load_digits", "make_mnist1d", "read_idx", "load_fashion_mnist", "load_cifar10", "fashion_mnist_8x8",

@@ -100,6 +100,13 @@ class MetaTrainConfig:
         device: ``"cpu"`` or ``"cuda"`` (under ``torchrun``, each process takes ``cuda:LOCAL_RANK``).
         init_from: a saved rule (``.safetensors``) to start from instead of a fresh one, e.g. a trained DeepSet
             rule for a UNF run (see :func:`meta_train.build.warm_start`); ``""`` for a fresh rule.
+        imitate_steps: regression steps of a warm start that fits the rule to a teacher optimizer before the
+            first meta-step (:mod:`meta_train.imitate`; after ``init_from``); 0 (default) for none. One task
+            only (not with ``task_family``). Its losses go to ``run_dir/imitation.csv``.
+        imitate_runs: teacher runs the imitation's snapshots come from.
+        imitate_horizon: steps of each teacher run (the rule learns the schedule up to this step).
+        teacher_lr: the teacher's initial step size (per-element RMS of its update).
+        teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
     """
 
     run_dir: str
@@ -124,6 +131,11 @@ class MetaTrainConfig:
     eval_seeds: int = 2
     device: str = "cpu"
     init_from: str = ""
+    imitate_steps: int = 0
+    imitate_runs: int = 6
+    imitate_horizon: int = 10000
+    teacher_lr: float = 0.03
+    teacher_tau: float = 300.0
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -132,8 +144,9 @@ class MetaTrainConfig:
         _check_values(self)
 
 
-_POSITIVE = ("hidden", "particles", "truncation", "horizon", "meta_steps", "checkpoint_every", "eval_steps",
-             "eval_seeds", "sigma", "meta_lr", "clip")
+_POSITIVE = ("hidden", "particles", "truncation", "horizon", "checkpoint_every", "eval_steps",
+             "eval_seeds", "sigma", "meta_lr", "clip", "imitate_runs", "imitate_horizon", "teacher_lr",
+             "teacher_tau")
 
 
 def _type_name(hint: Any) -> str:
@@ -168,6 +181,12 @@ def _check_values(cfg: MetaTrainConfig) -> None:
             raise bad(name, "must be positive")
     if cfg.eval_every < 0:
         raise bad("eval_every", "must be >= 0 (0 turns evaluation off)")
+    if cfg.imitate_steps < 0:
+        raise bad("imitate_steps", "must be >= 0 (0 turns the imitation warm start off)")
+    if cfg.meta_steps < 0 or (cfg.meta_steps == 0 and not cfg.imitate_steps):
+        raise bad("meta_steps", "must be positive (0 only with imitate_steps > 0: an imitation-only run)")
+    if cfg.imitate_steps and cfg.task_family:
+        raise bad("imitate_steps", "must be 0 with 'task_family' set (imitation fits the rule on one task)")
     if cfg.estimator not in ESTIMATORS:
         raise bad("estimator", f"must be one of {', '.join(ESTIMATORS)}")
     if cfg.meta_loss not in META_LOSSES:
@@ -415,6 +434,21 @@ def _check_resumable(saved: dict, cfg: MetaTrainConfig, path: Path) -> None:
         raise ValueError(f"{path} was written with a different config ({'; '.join(diff)}); use a new --run-dir")
 
 
+def _imitation_warm_start(cfg: MetaTrainConfig, rule: O.LearnedRule, task: Task, problem: FlatProblem,
+                          run_dir: Path, progress: bool, write: bool) -> None:
+    """Fit ``rule`` to the teacher (:mod:`meta_train.imitate`) from a generator of its own (every process of a
+    distributed run computes the same rule); ``write``: log the losses to ``imitation.csv``."""
+    from .imitate import ScheduledNormalizedMomentum, imitate, teacher_snapshots
+
+    gen = torch.Generator().manual_seed(_derived_seed("imitate", cfg.seed))
+    teacher = ScheduledNormalizedMomentum(lr=cfg.teacher_lr, tau=cfg.teacher_tau)
+    snaps = teacher_snapshots(task, problem, teacher, cfg.imitate_runs, cfg.imitate_horizon, gen, progress)
+    losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, progress=progress)
+    if write:
+        _write_csv(run_dir / "imitation.csv", [{"step": i, "loss": x} for i, x in enumerate(losses)],
+                   ("step", "loss"))
+
+
 def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | None = None) -> O.LearnedRule:
     """Meta-train a learned rule as ``cfg`` says, resuming from ``cfg.run_dir/checkpoint.pt`` if there is one.
 
@@ -504,6 +538,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
         pes.reset(w, m, th)
         return w, m
 
+    if cfg.imitate_steps and not ckpt_path.exists():  # (a resumed run has the imitated rule in its checkpoint)
+        _imitation_warm_start(cfg, rule, task, problem, run_dir, progress and info.is_main, info.is_main)
     pes = new_pes()
     w, m = fresh_inner()
     s = torch.zeros((), device=device)
@@ -609,8 +645,11 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     if info.is_main and stop == cfg.meta_steps:
         trained_on = ({"task": f"family:{cfg.task_family}", "task_family": cfg.task_family} if cfg.task_family
                       else {"task": cfg.task})
+        imitation = ({"imitation": f"{cfg.imitate_steps} steps fitting ScheduledNormalizedMomentum(lr="
+                                   f"{cfg.teacher_lr:g}, tau={cfg.teacher_tau:g}) on {cfg.imitate_runs} runs of "
+                                   f"{cfg.imitate_horizon} steps"} if cfg.imitate_steps else {})
         O.save_rule(rule, run_dir / "rule.safetensors", **trained_on, estimator=cfg.estimator,
-                    meta_steps=cfg.meta_steps)
+                    meta_steps=cfg.meta_steps, **imitation)
     return rule
 
 

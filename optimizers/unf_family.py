@@ -152,7 +152,7 @@ class UNFFamily(nn.Module):
             return self._flat_output(out)
         # channels-first entries: the UNF layer's reductions run over contiguous entry axes (5x faster than
         # reducing a channels-last view)
-        ht = h.T.contiguous()
+        ht = h.mT.contiguous()  # (mT: also right under vmap, where .T would see the batch axis)
         entries = {}
         for name, index in self._index.items():
             if name in self._slices:

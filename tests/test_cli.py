@@ -55,7 +55,7 @@ def test_demo_runs_and_validates(capsys, tmp_path):
     assert main(["demo", "--trials", "3", "--steps", "60", "--seeds", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "TransformerLM" in out and "SmallCNN" in out and "All specs preserve the function." in out
-    if "unf-mnist1d" in optimizers.available():
+    if "unf-mnist1d-imitation" in optimizers.available():
         assert "drop-in: UNFOptimizer" in out and "| adam |" in out and "UNF / tuned Adam" in out
         assert (tmp_path / "demo-optimizers.png").stat().st_size > 1000
 

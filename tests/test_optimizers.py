@@ -381,7 +381,8 @@ def test_step_size_never_gets_stuck_at_zero():
 
 def test_shipped_weights_load_and_train():
     names = O.available()
-    assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-transformer-shakespeare"} <= set(names)
+    assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-mnist1d-imitation",
+            "unf-transformer-shakespeare"} <= set(names)
     torch.manual_seed(0)
     for name in names:
         model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))

@@ -113,7 +113,7 @@ def _demo_optimizer(args: argparse.Namespace) -> bool:
     from meta_train.compare import compare, plot_curves
     from meta_train.tasks import get_task
 
-    name = "unf-mnist1d"
+    name = "unf-mnist1d-imitation"
     if name not in optimizers.available():
         print(f"\n(no shipped {name!r} weights in this install; skipping the optimizer demo)")
         return True

@@ -1,0 +1,110 @@
+"""Benchmark: how much of a learned optimizer's edge a hand-set step-size schedule already gives.
+
+    python benchmarks/bench_schedules.py [--task mlp-mnist1d] [--steps 2000 10000] [--seeds 5]
+        [--adam LR:TAU ...] [--teacher LR:TAU ...]
+
+Runs, with ``unf compare``'s protocol (same initialisations and batches per seed, final loss = mean minibatch loss
+over the last 50 steps, mean +- standard error over seeds), two schedules that the compare table's constant-rate
+baselines do not have:
+
+- Adam (betas 0.9, 0.999) with an inverse-time decay ``lr / (1 + t / tau)``;
+- the imitation teacher :class:`meta_train.imitate.ScheduledNormalizedMomentum` (momentum normalised per tensor,
+  step size ``lr / (1 + t / tau)``), which the shipped ``unf-mnist1d-imitation`` rule was fitted to.
+
+Each ``LR:TAU`` pair is one run per seed; all runs of one kind step together as one population. Prints a
+markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from meta_train.compare import _inits, _population, _stats, final_loss
+from meta_train.estimators import FlatProblem
+from meta_train.imitate import ScheduledNormalizedMomentum
+from meta_train.tasks import get_task
+
+
+def _pairs(values: list[str]) -> list[tuple[float, float]]:
+    return [(float(a), float(b)) for a, b in (v.split(":") for v in values)]
+
+
+def adam_inverse_time(pairs: list[tuple[float, float]], seeds: int):
+    lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
+    tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
+
+    def init(w):
+        return torch.zeros_like(w), torch.zeros_like(w), 0
+
+    def update(w, g, state):
+        m, v, t = state
+        t += 1
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        step = lr / (1 + t / tau) / (1 - 0.9 ** t)
+        return w - step * m / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8), (m, v, t)
+
+    return init, update
+
+
+def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem):
+    unit = ScheduledNormalizedMomentum(lr=1.0, tau=1e30)  # the normalised direction (step size 1)
+    lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
+    tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
+
+    def init(w):
+        return torch.zeros_like(w), 0
+
+    def update(w, g, state):
+        m, t = state
+        m = unit.momentum * m + g
+        # the teacher's step size at step t (0-based): lr / (1 + (t + 1) / tau)
+        change = unit.update(m, torch.zeros(m.shape[0]), problem.segments) * (lr / (1 + (t + 1) / tau))
+        return w + change, (m, t + 1)
+
+    return init, update
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", default="mlp-mnist1d")
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--adam", nargs="*", default=["0.03:100", "0.1:300", "0.3:300"], metavar="LR:TAU")
+    parser.add_argument("--teacher", nargs="*", default=["0.02:300", "0.03:150", "0.03:300", "0.03:500", "0.05:150"],
+                        metavar="LR:TAU")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    seeds = list(range(args.seeds))
+    horizon = max(args.steps)
+    _, _, example = _inits(task, seeds[:1])
+    problem = FlatProblem.from_task(task, example)
+    rows = []
+    for kind, pairs in (("Adam, lr / (1 + t / tau)", _pairs(args.adam)),
+                        ("teacher (normalised momentum), lr / (1 + t / tau)", _pairs(args.teacher))):
+        if not pairs:
+            continue
+        init, update = adam_inverse_time(pairs, len(seeds)) if kind.startswith("Adam") else \
+            teacher(pairs, len(seeds), problem)
+        losses = _population(task, problem, seeds, len(pairs), horizon, init, update, kind, True)
+        losses = losses.view(len(seeds), len(pairs), horizon)
+        for j, (lr, tau) in enumerate(pairs):
+            cells = []
+            for t in sorted(args.steps):
+                mean, se = _stats(final_loss(losses[:, j], t))
+                cells.append(f"{mean:.3g} ± {se:.2g}")
+            rows.append(f"| {kind} | {lr:g} | {tau:g} | " + " | ".join(cells) + " |")
+    print(f"task {task.name}, seeds 0-{args.seeds - 1}, {platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s)\n")
+    print("| schedule | lr | tau | " + " | ".join(f"T = {t}" for t in sorted(args.steps)) + " |")
+    print("|---|---|---|" + "---|" * len(args.steps))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
