@@ -121,8 +121,9 @@ def run_baseline(task: Task, name: str, lrs: Sequence[float], seeds: Sequence[in
 
 
 def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: int, desc: str = "learned",
-                progress: bool = True) -> torch.Tensor:
-    """Losses ``(len(seeds), steps)`` of a learned rule (any family; a UNF rule is transferred to the task's spec)."""
+                progress: bool = True, lr: float = 1.0) -> torch.Tensor:
+    """Losses ``(len(seeds), steps)`` of a learned rule (any family; a UNF rule is transferred to the task's spec),
+    run with the optimizer's ``lr`` multiplier (1: the learned step size as it is)."""
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
     if isinstance(rule.f, O.UNFFamily):  # read the flat vector as this task's spec entries
@@ -138,7 +139,7 @@ def run_learned(task: Task, rule: O.LearnedRule, seeds: Sequence[int], steps: in
     segments = problem.segments.to(task.device)
 
     def one(w, g, m, s):
-        new_w, st, _ = functional_call(rule, theta, (w, g, RuleState(m, s), segments))
+        new_w, st, _ = functional_call(rule, theta, (w, g, RuleState(m, s), segments, lr))
         return new_w, st.momenta, st.step
 
     batched = vmap(one)
@@ -203,12 +204,14 @@ def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.Pat
             steps: Sequence[int] = (2000, 10000), seeds: Sequence[int] = (0, 1, 2, 3, 4),
             baselines: Sequence[str] = ("adam", "sgdm"), grids: Mapping[str, Sequence[float]] | None = None,
             progress: bool = True, cache_dir: str | os.PathLike | None = None,
-            device: str | torch.device = "cpu") -> CompareResult:
+            device: str | torch.device = "cpu", learned_lr: float = 1.0) -> CompareResult:
     """Train every optimizer for ``max(steps)`` steps on every seed and tabulate the final loss at each ``T``.
 
     ``cache_dir``: keep the baselines' loss curves there (keyed by task, grid, seeds and horizon) and reuse them,
     so comparing a new learned optimizer does not rerun the grids. ``device``: where a task given by name runs
     (inits and batches are drawn on the CPU from the same generators, so every device trains the same runs).
+    ``learned_lr``: the learned optimizers' ``lr`` multiplier (1, the default, is the protocol's; another value is
+    for trying a rule on a task far from its own, and is not tuned).
     """
     device = torch.device(device)
     if isinstance(task, str):
@@ -239,7 +242,7 @@ def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.Pat
                 result.curves[name] = [float(x) for x in losses[:, best].mean(0)]
     for name, rule in (learned or {}).items():
         rule = O.load_rule(_weights_path(rule)) if not isinstance(rule, O.LearnedRule) else rule
-        losses = run_learned(task, rule, seeds, horizon, desc=name, progress=progress)  # (S, T)
+        losses = run_learned(task, rule, seeds, horizon, desc=name, progress=progress, lr=learned_lr)  # (S, T)
         for t in steps:
             finals = final_loss(losses, t)
             mean, se = _stats(finals)
@@ -322,6 +325,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, help="directory to keep and reuse the baselines' loss curves")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the populations run there)")
+    parser.add_argument("--learned-lr", type=float, default=1.0,
+                        help="lr multiplier of the learned optimizers (default 1: their learned step size)")
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -335,7 +340,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     for task in args.task:
         res = compare(task, learned, steps=args.steps, seeds=range(args.seeds), baselines=args.baselines,
-                      progress=not args.no_progress, cache_dir=args.cache, device=args.device)
+                      progress=not args.no_progress, cache_dir=args.cache, device=args.device,
+                      learned_lr=args.learned_lr)
         print(res.table(), flush=True)
         if out:
             out.mkdir(parents=True, exist_ok=True)

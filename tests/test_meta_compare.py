@@ -49,8 +49,8 @@ def test_baseline_populations_match_torch_optim(task, name, cls, kw):
             torch.testing.assert_close(pop[s, j], ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["deepset", "unf"])
-def test_learned_population_matches_the_optimizer_class(task, family):
+@pytest.mark.parametrize("family,lr", [("deepset", 1.0), ("unf", 1.0), ("deepset", 0.3)])
+def test_learned_population_matches_the_optimizer_class(task, family, lr):
     from meta_train.build import build_rule
 
     params = task.init(torch.Generator().manual_seed(0))
@@ -60,12 +60,12 @@ def test_learned_population_matches_the_optimizer_class(task, family):
         for p in rule.parameters():
             p.add_(0.2 * torch.randn_like(p))
         rule.beta.fill_(0.05)
-    pop = run_learned(task, rule, seeds=[0, 1], steps=12, progress=False)
+    pop = run_learned(task, rule, seeds=[0, 1], steps=12, progress=False, lr=lr)
 
     def make(model):
         if family == "deepset":
-            return O.LearnedOptimizer(model.parameters(), rule)
-        return O.UNFOptimizer(model, task.example_inputs, rule=rule)
+            return O.LearnedOptimizer(model.parameters(), rule, lr=lr)
+        return O.UNFOptimizer(model, task.example_inputs, rule=rule, lr=lr)
 
     for s in (0, 1):
         torch.testing.assert_close(pop[s], _reference(task, s, 12, make), rtol=1e-4, atol=1e-5)
