@@ -1,4 +1,5 @@
-"""Plot a meta-training run: the meta-loss (raw and smoothed) and, when the run evaluated, the held-out curves.
+"""Plot a meta-training run: the meta-loss (raw and smoothed), the held-out curves when the run evaluated, and the
+imitation warm start's regression loss when it had one (``imitation.csv``; an imitation-only run has only that).
 
     unf plot runs/demo                   # writes runs/demo/metrics.png
     unf plot runs/demo --out demo.png
@@ -64,7 +65,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
 
     Raises:
         FileNotFoundError: ``run_dir`` has no ``metrics.csv``.
-        ValueError: ``metrics.csv`` has no rows yet, or lacks the ``meta_step`` / ``meta_loss`` columns.
+        ValueError: ``metrics.csv`` has no rows yet (and there is no imitation loss to draw), or lacks the
+            ``meta_step`` / ``meta_loss`` columns.
     """
     run_dir = Path(run_dir)
     metrics_path = run_dir / "metrics.csv"
@@ -73,9 +75,11 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         raise FileNotFoundError(f"{run_dir} {what}: expected a meta-training run directory (python -m meta_train "
                                 f"--run-dir DIR or unf meta-train CONFIG writes one)")
     rows = read_csv(metrics_path)
-    if not rows:
+    imitation_path = run_dir / "imitation.csv"
+    imitation_rows = read_csv(imitation_path) if imitation_path.is_file() else []
+    if not rows and not imitation_rows:
         raise ValueError(f"{metrics_path} has no rows yet (the run writes it at each checkpoint)")
-    missing = {"meta_step", "meta_loss"} - set(rows[0])
+    missing = {"meta_step", "meta_loss"} - set(rows[0]) if rows else set()
     if missing:
         raise ValueError(f"{metrics_path} lacks the column(s) {', '.join(sorted(missing))}")
     eval_path = run_dir / "eval.csv"
@@ -85,24 +89,37 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = 2 if eval_rows else 1
+    panels = bool(imitation_rows) + bool(rows) + bool(eval_rows)
     fig = Figure(figsize=(6.0 * panels, 4.2), layout="constrained")
     FigureCanvasAgg(fig)  # draw with Agg without touching pyplot's global backend
-    axes = fig.subplots(1, panels, squeeze=False)[0]
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
 
-    steps, losses = _floats(rows, "meta_step"), _floats(rows, "meta_loss")
-    ax = axes[0]
-    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
-    ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.0, label="smoothed")
-    _scale(ax, losses)
-    ax.set_xlabel("meta-step")
-    ax.set_ylabel("meta-loss")
-    ax.set_title(f"meta-training: {run_dir.name}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    if imitation_rows:
+        ax = axes.pop(0)
+        steps, losses = _floats(imitation_rows, "step"), _floats(imitation_rows, "loss")
+        ax.plot(steps, losses, color="tab:green", alpha=0.3, linewidth=0.8, label="raw")
+        ax.plot(steps, smooth(losses), color="tab:green", linewidth=2.0, label="smoothed")
+        _scale(ax, losses)
+        ax.set_xlabel("regression step")
+        ax.set_ylabel("relative squared error of the update")
+        ax.set_title(f"imitation warm start: {run_dir.name}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+
+    if rows:
+        steps, losses = _floats(rows, "meta_step"), _floats(rows, "meta_loss")
+        ax = axes.pop(0)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
+        ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.0, label="smoothed")
+        _scale(ax, losses)
+        ax.set_xlabel("meta-step")
+        ax.set_ylabel("meta-loss")
+        ax.set_title(f"meta-training: {run_dir.name}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
 
     if eval_rows:
-        ax = axes[1]
+        ax = axes.pop(0)
         tasks = list(dict.fromkeys(r["task"] for r in eval_rows))
         colors = matplotlib.colormaps["tab10"]
         plotted: list[float] = []

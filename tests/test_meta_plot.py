@@ -79,3 +79,25 @@ def test_smooth():
     assert smooth([1.0, 3.0, 5.0], window=2) == [1.0, 2.0, 4.0]
     out = smooth([math.nan, 2.0, math.inf], window=1)
     assert math.isnan(out[0]) and out[1] == 2.0 and math.isnan(out[2])
+
+
+def test_plot_draws_the_imitation_loss(tmp_path):
+    """An imitation-only run (metrics.csv without rows) plots its regression loss; a run with both gets both."""
+    def imitation_csv(run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        rows = ["step,loss"] + [f"{i},{math.exp(-i / 30) + 0.002}" for i in range(200)]
+        (run_dir / "imitation.csv").write_text("\n".join(rows) + "\n")
+
+    only = tmp_path / "only"
+    imitation_csv(only)
+    (only / "metrics.csv").write_text("meta_step,meta_loss,grad_norm,task\n")
+    assert_png(plot_run(only))
+    both = fake_run(tmp_path / "both")
+    imitation_csv(both)
+    small = fake_run(tmp_path / "plain")
+    # one panel more than the same run without imitation: a wider figure
+    assert plot_run(both).stat().st_size > 0 and _width(both / "metrics.png") > _width(plot_run(small))
+
+
+def _width(png: Path) -> int:
+    return int.from_bytes(png.read_bytes()[16:20], "big")  # the IHDR chunk's width
