@@ -87,11 +87,13 @@ def record_steps(horizon: int, count: int = 160) -> list[int]:
 
 @torch.no_grad()
 def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormalizedMomentum, runs: int,
-                      horizon: int, generator: torch.Generator, progress: bool = True) -> Snapshots:
+                      horizon: int, generator: torch.Generator, progress: bool = True,
+                      gamma0: float | None = None) -> Snapshots:
     """Train ``task`` with the teacher ``runs`` times (``horizon`` steps from fresh initialisations) and snapshot
-    the rule's inputs at :func:`record_steps`. Momenta are kept at the rule's decays, ``gamma0`` being the
-    teacher's momentum."""
-    decays = torch.tensor((teacher.momentum, *MOMENTUM_DECAYS), device=task.device).unsqueeze(-1)
+    the rule's inputs at :func:`record_steps`. Momenta are kept at the rule's decays, with ``gamma0`` (default: the
+    teacher's momentum) for the rule's base momentum; :func:`imitate` must hold the rule at the same ``gamma0``."""
+    gamma0 = teacher.momentum if gamma0 is None else gamma0
+    decays = torch.tensor((gamma0, *MOMENTUM_DECAYS), device=task.device).unsqueeze(-1)
     which = 1 + MOMENTUM_DECAYS.index(teacher.momentum)
     keep = set(record_steps(horizon))
     grad_fn = grad_and_value(problem.loss)
@@ -117,19 +119,20 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
 
 def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, teacher: ScheduledNormalizedMomentum,
             steps: int, generator: torch.Generator, batch: int = 16, lr: float = 1e-3, alpha: float = 1e-3,
-            beta: float = 30.0, progress: bool = True) -> list[float]:
+            beta: float = 30.0, gamma0: float | None = None, progress: bool = True) -> list[float]:
     """Fit ``rule`` (in place) to ``teacher``'s updates on ``snapshots``; returns the loss of every step.
 
     The loss is ``mean(((rule's change - teacher's change) / teacher's step size) ** 2)`` over a batch of
-    snapshots, minimised by Adam (``lr``, cosine-annealed over ``steps``). ``alpha`` and ``gamma0`` are set and
-    held fixed (module docstring); ``beta`` starts at ``beta``. ``problem`` gives the layout the rule reads (for
+    snapshots, minimised by Adam (``lr``, cosine-annealed over ``steps``). ``alpha`` and ``gamma0`` (default: the
+    teacher's momentum; the snapshots' must be the same) are set and held fixed (module docstring); ``beta`` starts
+    at ``beta``. ``problem`` gives the layout the rule reads (for
     a UNF rule, its spec's segments: :func:`meta_train.build.build_rule`).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     with torch.no_grad():
         rule.raw_alpha.fill_(alpha)
-        rule.raw_gamma0.fill_(teacher.momentum)
+        rule.raw_gamma0.fill_(teacher.momentum if gamma0 is None else gamma0)
         rule.beta.fill_(beta)
     trained = {k: v for k, v in rule.named_parameters() if k not in ("raw_alpha", "raw_gamma0")}
     fixed = {k: v.detach() for k, v in rule.named_parameters() if k in ("raw_alpha", "raw_gamma0")}

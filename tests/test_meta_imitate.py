@@ -67,6 +67,17 @@ def test_snapshots_are_the_teachers_states_and_reproducible():
     torch.testing.assert_close(a.w[1], a.w[0] + teacher.update(m1[0], a.step[0], problem.segments))
 
 
+def test_snapshots_with_another_base_momentum():
+    task, _, problem = _tiny()
+    teacher = ScheduledNormalizedMomentum()
+    a = teacher_snapshots(task, problem, teacher, runs=1, horizon=5, generator=torch.Generator().manual_seed(1),
+                          progress=False, gamma0=0.0)
+    b = teacher_snapshots(task, problem, teacher, runs=1, horizon=5, generator=torch.Generator().manual_seed(1),
+                          progress=False)
+    assert torch.equal(a.momenta[1, 0], a.grad[0])  # gamma0 = 0: the base momentum is the last gradient
+    assert torch.equal(a.w, b.w) and torch.equal(a.momenta[:, 1:], b.momenta[:, 1:])  # the teacher's runs alike
+
+
 @pytest.mark.parametrize("family", ["deepset", "unf"])
 def test_imitation_fits_the_teacher(family):
     task, rule, problem = _tiny(family)
