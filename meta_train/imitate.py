@@ -88,14 +88,21 @@ def record_steps(horizon: int, count: int = 160) -> list[int]:
 @torch.no_grad()
 def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormalizedMomentum, runs: int,
                       horizon: int, generator: torch.Generator, progress: bool = True,
-                      gamma0: float | None = None) -> Snapshots:
+                      gamma0: float | None = None, max_bytes: int = 2**31) -> Snapshots:
     """Train ``task`` with the teacher ``runs`` times (``horizon`` steps from fresh initialisations) and snapshot
     the rule's inputs at :func:`record_steps`. Momenta are kept at the rule's decays, with ``gamma0`` (default: the
-    teacher's momentum) for the rule's base momentum; :func:`imitate` must hold the rule at the same ``gamma0``."""
+    teacher's momentum) for the rule's base momentum; :func:`imitate` must hold the rule at the same ``gamma0``.
+    Snapshots stay in memory: more than ``max_bytes`` of them is refused up front (a ValueError that says how
+    much)."""
     gamma0 = teacher.momentum if gamma0 is None else gamma0
     decays = torch.tensor((gamma0, *MOMENTUM_DECAYS), device=task.device).unsqueeze(-1)
     which = 1 + MOMENTUM_DECAYS.index(teacher.momentum)
     keep = set(record_steps(horizon))
+    size = runs * len(keep) * (2 + N_MOMENTA) * task.num_params * 4  # fp32 w, grad and momenta per snapshot
+    if size > max_bytes:
+        raise ValueError(f"{runs} teacher runs of {horizon} steps on {task.name} ({task.num_params:,} parameters) "
+                         f"would keep {size / 2**30:.1f} GiB of snapshots (limit {max_bytes / 2**30:.1f} GiB): "
+                         f"use fewer runs (imitate_runs) or a shorter horizon (imitate_horizon), or raise max_bytes")
     grad_fn = grad_and_value(problem.loss)
     out: list[tuple] = []
     bar = tqdm(total=runs * horizon, desc=f"{task.name} teacher runs", disable=not progress, leave=False,

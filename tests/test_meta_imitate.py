@@ -67,6 +67,13 @@ def test_snapshots_are_the_teachers_states_and_reproducible():
     torch.testing.assert_close(a.w[1], a.w[0] + teacher.update(m1[0], a.step[0], problem.segments))
 
 
+def test_snapshots_that_would_not_fit_are_refused_up_front():
+    task, _, problem = _tiny()
+    with pytest.raises(ValueError, match=r"would keep .* GiB of snapshots .*imitate_runs"):
+        teacher_snapshots(task, problem, ScheduledNormalizedMomentum(), runs=2, horizon=100,
+                          generator=torch.Generator().manual_seed(0), progress=False, max_bytes=1000)
+
+
 def test_snapshots_with_another_base_momentum():
     task, _, problem = _tiny()
     teacher = ScheduledNormalizedMomentum()
