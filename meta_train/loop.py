@@ -54,6 +54,8 @@ __all__ = ["MetaTrainConfig", "meta_train", "load_config", "save_checkpoint_atom
            "config_from_args", "METRICS_FIELDS", "EVAL_FIELDS"]
 
 ESTIMATORS = ("pes", "es", "bptt")
+META_PARAMS = ("all", "scalars")
+SCALARS = ("raw_alpha", "beta", "raw_gamma0")  # the rule's scalar meta-parameters (meta_params = "scalars")
 METRICS_FIELDS = ("meta_step", "meta_loss", "grad_norm", "task")
 EVAL_FIELDS = ("meta_step", "task", "train_loss", "test_loss")
 DEFAULT_TASK = "mlp-digits"
@@ -107,6 +109,10 @@ class MetaTrainConfig:
         imitate_horizon: steps of each teacher run (the rule learns the schedule up to this step).
         teacher_lr: the teacher's initial step size (per-element RMS of its update).
         teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
+        meta_params: which meta-parameters the run trains: ``"all"`` (default) or ``"scalars"`` (only ``alpha``,
+            ``beta`` and ``gamma0``; ``f`` stays as it starts, e.g. from ``init_from`` or the imitation). Three
+            perturbed dimensions instead of thousands make ES/PES estimates far less noisy: a cheap way to adapt a
+            trained rule's step size to a task.
     """
 
     run_dir: str
@@ -136,6 +142,7 @@ class MetaTrainConfig:
     imitate_horizon: int = 10000
     teacher_lr: float = 0.03
     teacher_tau: float = 300.0
+    meta_params: str = "all"
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -189,6 +196,8 @@ def _check_values(cfg: MetaTrainConfig) -> None:
         raise bad("imitate_steps", "must be 0 with 'task_family' set (imitation fits the rule on one task)")
     if cfg.estimator not in ESTIMATORS:
         raise bad("estimator", f"must be one of {', '.join(ESTIMATORS)}")
+    if cfg.meta_params not in META_PARAMS:
+        raise bad("meta_params", f"must be one of {', '.join(META_PARAMS)}")
     if cfg.meta_loss not in META_LOSSES:
         raise bad("meta_loss", f"must be one of {', '.join(META_LOSSES)}")
     if not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
@@ -490,7 +499,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     except KeyError as e:
         raise ValueError(f"field 'family': {e.args[0]}") from e
     rule = rule.to(device)  # the master: the meta-parameters, whatever task the inner runs are on
-    meta_opt = torch.optim.Adam(rule.parameters(), lr=cfg.meta_lr)
+    trained = [p for k, p in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS]
+    meta_opt = torch.optim.Adam(trained, lr=cfg.meta_lr)
     evaluate = _Evaluator(cfg, rule, device) if cfg.eval_every and info.is_main else None
     warned_keys = False
 
@@ -522,6 +532,13 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
 
     def theta() -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in rule.named_parameters()}
+
+    def held(noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The perturbations with those of meta-parameters the run does not train set to zero (drawn all the same,
+        so the random stream does not depend on ``meta_params``)."""
+        if cfg.meta_params == "all":
+            return noise
+        return {k: v if k in SCALARS else torch.zeros_like(v) for k, v in noise.items()}
 
     def new_pes() -> PES:
         return PES(inner.rule, inner.problem, particles=mine.stop - mine.start, sigma=cfg.sigma,
@@ -588,13 +605,13 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
             batches = [inner.task.sample_batch(gen) for _ in range(cfg.truncation)]
             th = theta()
             if cfg.estimator == "pes":
-                eps = draw_noise(th, cfg.particles, cfg.sigma, gen)  # the whole population's, on every process
+                eps = held(draw_noise(th, cfg.particles, cfg.sigma, gen))  # the whole population's, every process
                 grads, loss = pes.step(th, batches, noise={k: v[mine] for k, v in eps.items()},
                                        population=population)
                 if int(pes.step_count[0, 0]) >= cfg.horizon:  # all particles restart together
                     w, m = restart(th)
             elif cfg.estimator == "es":
-                eps = draw_noise(th, cfg.particles, cfg.sigma, gen)
+                eps = held(draw_noise(th, cfg.particles, cfg.sigma, gen))
                 grads, loss = es(inner.rule, th, inner.problem, w, m, s, batches,
                                  noise={k: v[mine] for k, v in eps.items()}, population=population,
                                  meta_loss=cfg.meta_loss)
@@ -609,8 +626,9 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                 *summed, loss = all_reduce_sum([grads[k] for k in keys] + [loss])
                 grads = dict(zip(keys, summed))
             for k, p in rule.named_parameters():
-                p.grad = grads[k].to(p.dtype).clone()
-            norm = torch.nn.utils.clip_grad_norm_(rule.parameters(), cfg.clip)
+                if cfg.meta_params == "all" or k in SCALARS:
+                    p.grad = grads[k].to(p.dtype).clone()
+            norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
             finite = bool(torch.isfinite(norm))
             if finite:
                 meta_opt.step()

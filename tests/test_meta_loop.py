@@ -314,3 +314,18 @@ def test_a_non_finite_meta_gradient_is_skipped(tmp_path, monkeypatch):
     rows = (tmp_path / "metrics.csv").read_text().splitlines()[1:]
     norms = [float(r.split(",")[2]) for r in rows]
     assert not math.isfinite(norms[1]) and all(math.isfinite(n) for k, n in enumerate(norms) if k != 1)
+
+
+@pytest.mark.parametrize("estimator", ["pes", "es", "bptt"])
+def test_meta_params_scalars_trains_only_the_scalars(tmp_path, estimator):
+    start = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "start"), **TINY), progress=False)
+    cfg = dict(TINY, estimator=estimator, init_from=str(tmp_path / "start" / "rule.safetensors"))
+    only = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "s"), meta_params="scalars", **cfg), progress=False)
+    both = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "a"), **cfg), progress=False)
+    s0, s1, s2 = start.state_dict(), only.state_dict(), both.state_dict()
+    scalars = ("raw_alpha", "beta", "raw_gamma0")
+    assert all(torch.equal(s0[k], s1[k]) for k in s0 if k not in scalars)  # f as it started
+    assert any(not torch.equal(s0[k], s1[k]) for k in scalars)
+    assert any(not torch.equal(s0[k], s2[k]) for k in s0 if k not in scalars)  # "all" moves f
+    with pytest.raises(ValueError, match="field 'meta_params' must be one of all, scalars"):
+        MetaTrainConfig(run_dir=str(tmp_path), meta_params="f")
