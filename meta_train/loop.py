@@ -109,6 +109,10 @@ class MetaTrainConfig:
         imitate_horizon: steps of each teacher run (the rule learns the schedule up to this step).
         teacher_lr: the teacher's initial step size (per-element RMS of its update).
         teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
+        accumulate: meta-steps whose estimates are averaged before one update of the meta-optimizer (1: an update
+            every meta-step). With ``horizon / truncation`` it averages a whole inner run's truncations, so Adam
+            sees one full-horizon estimate instead of following the truncations whose estimates are least noisy.
+            A non-finite estimate is left out of the average (and the inner runs restart).
         meta_params: which meta-parameters the run trains: ``"all"`` (default) or ``"scalars"`` (only ``alpha``,
             ``beta`` and ``gamma0``; ``f`` stays as it starts, e.g. from ``init_from`` or the imitation). Three
             perturbed dimensions instead of thousands make ES/PES estimates far less noisy: a cheap way to adapt a
@@ -143,6 +147,7 @@ class MetaTrainConfig:
     teacher_lr: float = 0.03
     teacher_tau: float = 300.0
     meta_params: str = "all"
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -151,7 +156,7 @@ class MetaTrainConfig:
         _check_values(self)
 
 
-_POSITIVE = ("hidden", "particles", "truncation", "horizon", "checkpoint_every", "eval_steps",
+_POSITIVE = ("hidden", "particles", "truncation", "horizon", "checkpoint_every", "accumulate", "eval_steps",
              "eval_seeds", "sigma", "meta_lr", "clip", "imitate_runs", "imitate_horizon", "teacher_lr",
              "teacher_tau")
 
@@ -562,6 +567,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     s = torch.zeros((), device=device)
     pes.reset(w, m, theta())
     start, rows, eval_rows = 0, [], []
+    accum: dict = {"sum": {}, "count": 0}  # estimates of the current accumulation window (accumulate > 1)
 
     # ---- resume
     if ckpt_path.exists():
@@ -577,6 +583,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
         pes.w, pes.momenta, pes.step_count = (t[:, mine].clone() for t in (pw, pm, ps))
         pes.xi = {k: v[mine].clone() for k, v in pxi.items()}
         w, m, s = ck["inner"]
+        accum = ck.get("accumulated", accum)
         start, rows, eval_rows = ck["meta_step"], ck["metrics"], ck.get("eval", [])
 
     tb = None
@@ -625,14 +632,28 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                 keys = list(grads)
                 *summed, loss = all_reduce_sum([grads[k] for k in keys] + [loss])
                 grads = dict(zip(keys, summed))
-            for k, p in rule.named_parameters():
-                if cfg.meta_params == "all" or k in SCALARS:
+            names = [k for k, _ in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS]
+            if cfg.accumulate == 1:
+                for k, p in zip(names, trained):
                     p.grad = grads[k].to(p.dtype).clone()
-            norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
-            finite = bool(torch.isfinite(norm))
-            if finite:
-                meta_opt.step()
-            meta_opt.zero_grad(set_to_none=True)
+                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
+                finite = bool(torch.isfinite(norm))
+                if finite:
+                    meta_opt.step()
+                meta_opt.zero_grad(set_to_none=True)
+            else:  # average the window's finite estimates, then one clipped update
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k]) for k in names]))
+                finite = bool(torch.isfinite(norm))
+                if finite:
+                    accum["sum"] = {k: accum["sum"].get(k, 0) + grads[k] for k in names}
+                    accum["count"] += 1
+                if (step + 1) % cfg.accumulate == 0 and accum["count"]:
+                    for k, p in zip(names, trained):
+                        p.grad = (accum["sum"][k] / accum["count"]).to(p.dtype)
+                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
+                    meta_opt.step()
+                    meta_opt.zero_grad(set_to_none=True)
+                    accum.update(sum={}, count=0)
             if not finite:
                 # an inner run diverged (a loss of inf or NaN makes the whole estimate NaN): no meta-update from
                 # it, or one bad truncation would turn every meta-parameter (and so every later run) into NaN;
@@ -654,7 +675,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                     save_checkpoint_atomic({"config": dataclasses.asdict(cfg), "meta_step": step + 1,
                                             "rule": rule.state_dict(), "meta_opt": meta_opt.state_dict(),
                                             "generator": gen.get_state(), "pes": pes_state, "inner": (w, m, s),
-                                            "task_drawn_from": inner.drawn_from,
+                                            "task_drawn_from": inner.drawn_from, "accumulated": accum,
                                             "metrics": rows, "eval": eval_rows}, ckpt_path)
                     _write_csv(run_dir / "metrics.csv", rows, METRICS_FIELDS)
     finally:

@@ -329,3 +329,19 @@ def test_meta_params_scalars_trains_only_the_scalars(tmp_path, estimator):
     assert any(not torch.equal(s0[k], s2[k]) for k in s0 if k not in scalars)  # "all" moves f
     with pytest.raises(ValueError, match="field 'meta_params' must be one of all, scalars"):
         MetaTrainConfig(run_dir=str(tmp_path), meta_params="f")
+
+
+@pytest.mark.parametrize("estimator", ["pes", "bptt"])
+def test_accumulate_updates_once_per_window_and_resumes_exactly(tmp_path, estimator):
+    cfg = dict(TINY, estimator=estimator, meta_steps=6, accumulate=3)
+    first = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "init"), **cfg), progress=False, stop_after=0)
+    mid = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "mid"), **cfg), progress=False, stop_after=2)
+    assert _rule_equal(first, mid)  # inside the first window: no update yet
+    end = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "end"), **cfg), progress=False, stop_after=3)
+    assert not _rule_equal(first, end)  # the window's average applied
+    straight = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "straight"), **cfg), progress=False)
+    resumed_cfg = MetaTrainConfig(run_dir=str(tmp_path / "resumed"), **cfg)
+    meta_train(resumed_cfg, progress=False, stop_after=4)  # checkpoint mid-window: the partial sum is saved
+    assert _rule_equal(straight, meta_train(resumed_cfg, progress=False))
+    with pytest.raises(ValueError, match="field 'accumulate' must be positive"):
+        MetaTrainConfig(run_dir=str(tmp_path), accumulate=0)
