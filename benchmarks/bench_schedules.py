@@ -22,7 +22,7 @@ import platform
 
 import torch
 
-from meta_train.compare import _inits, _population, _stats, final_loss
+from meta_train.compare import _adam, _inits, _population, _stats, final_loss
 from meta_train.estimators import FlatProblem
 from meta_train.imitate import ScheduledNormalizedMomentum
 from meta_train.tasks import get_task
@@ -33,21 +33,9 @@ def _pairs(values: list[str]) -> list[tuple[float, float]]:
 
 
 def adam_inverse_time(pairs: list[tuple[float, float]], seeds: int):
-    lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
+    lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)
     tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
-
-    def init(w):
-        return torch.zeros_like(w), torch.zeros_like(w), 0
-
-    def update(w, g, state):
-        m, v, t = state
-        t += 1
-        m = 0.9 * m + 0.1 * g
-        v = 0.999 * v + 0.001 * g * g
-        step = lr / (1 + t / tau) / (1 - 0.9 ** t)
-        return w - step * m / ((v / (1 - 0.999 ** t)).sqrt() + 1e-8), (m, v, t)
-
-    return init, update
+    return _adam(lr, schedule=lambda t: 1 / (1 + t / tau))
 
 
 def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem):

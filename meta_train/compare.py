@@ -82,7 +82,9 @@ def _population(task: Task, problem: FlatProblem, seeds: Sequence[int], runs_per
     return losses.cpu()
 
 
-def _adam(lrs: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
+def _adam(lrs: torch.Tensor, betas=(0.9, 0.999), eps=1e-8, schedule: Callable[[int], Any] | None = None):
+    """Functional Adam over a population (one rate per run); ``schedule(t)`` (1-based step), if given, multiplies
+    the rates: a float or a (runs, 1) tensor."""
     def init(w):
         return (torch.zeros_like(w), torch.zeros_like(w), 0)
 
@@ -91,7 +93,8 @@ def _adam(lrs: torch.Tensor, betas=(0.9, 0.999), eps=1e-8):
         t += 1
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
-        step = lrs[:, None] / (1 - betas[0] ** t)
+        rate = lrs[:, None] if schedule is None else lrs[:, None] * schedule(t)
+        step = rate / (1 - betas[0] ** t)
         denom = (v / (1 - betas[1] ** t)).sqrt() + eps
         return w - step * m / denom, (m, v, t)
 

@@ -54,6 +54,11 @@ class ScheduledNormalizedMomentum:
         if not (self.lr > 0 and self.tau > 0):
             raise ValueError(f"lr and tau must be positive, got lr={self.lr}, tau={self.tau}")
 
+    @property
+    def momentum_row(self) -> int:
+        """Row of the rule's momenta (base momentum first, then ``MOMENTUM_DECAYS``) that is the teacher's."""
+        return 1 + MOMENTUM_DECAYS.index(self.momentum)
+
     def step_size(self, step: torch.Tensor) -> torch.Tensor:
         """Step size of the update taken at ``step`` (0-based, like the rule's step count)."""
         return self.lr / (1 + (step + 1) / self.tau)
@@ -96,7 +101,6 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
     much)."""
     gamma0 = teacher.momentum if gamma0 is None else gamma0
     decays = torch.tensor((gamma0, *MOMENTUM_DECAYS), device=task.device).unsqueeze(-1)
-    which = 1 + MOMENTUM_DECAYS.index(teacher.momentum)
     keep = set(record_steps(horizon))
     size = runs * len(keep) * (2 + N_MOMENTA) * task.num_params * 4  # fp32 w, grad and momenta per snapshot
     if size > max_bytes:
@@ -117,7 +121,7 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
             if t in keep:
                 out.append((w.clone(), g.clone(), momenta.clone(), step))
             momenta = decays * momenta + g
-            w = w + teacher.update(momenta[which], step, problem.segments)
+            w = w + teacher.update(momenta[teacher.momentum_row], step, problem.segments)
             bar.update()
     bar.close()
     w, g, m, s = (torch.stack(x) for x in zip(*out))
@@ -146,7 +150,6 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
     opt = torch.optim.Adam(trained.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     segments = problem.segments
-    which = 1 + MOMENTUM_DECAYS.index(teacher.momentum)
 
     def new_w(theta, w, g, m, s):
         return functional_call(rule, theta, (w, g, RuleState(m, s), segments))[0]
@@ -157,7 +160,7 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
         idx = torch.randint(0, len(snapshots), (min(batch, len(snapshots)),), generator=generator)
         w, g, m, s = snapshots.w[idx], snapshots.grad[idx], snapshots.momenta[idx], snapshots.step[idx]
         change = step_all({**trained, **fixed}, w, g, m, s) - w
-        target = teacher.update(teacher.momentum * m[:, which] + g, s, segments)
+        target = teacher.update(teacher.momentum * m[:, teacher.momentum_row] + g, s, segments)
         loss = ((change - target) / teacher.step_size(s).unsqueeze(-1)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

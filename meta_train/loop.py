@@ -110,13 +110,13 @@ class MetaTrainConfig:
         teacher_lr: the teacher's initial step size (per-element RMS of its update).
         teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
         accumulate: meta-steps whose estimates are averaged before one update of the meta-optimizer (1: an update
-            every meta-step). With ``horizon / truncation`` it averages a whole inner run's truncations, so Adam
-            sees one full-horizon estimate instead of following the truncations whose estimates are least noisy.
-            A non-finite estimate is left out of the average (and the inner runs restart).
+            every meta-step). With ``horizon / truncation`` it averages a whole inner run's truncations, so the
+            meta-optimizer sees one full-horizon estimate per update. A non-finite estimate is left out of the
+            average (and the inner runs restart).
         meta_params: which meta-parameters the run trains: ``"all"`` (default) or ``"scalars"`` (only ``alpha``,
             ``beta`` and ``gamma0``; ``f`` stays as it starts, e.g. from ``init_from`` or the imitation). Three
-            perturbed dimensions instead of thousands make ES/PES estimates far less noisy: a cheap way to adapt a
-            trained rule's step size to a task.
+            perturbed dimensions instead of thousands make ES/PES estimates far less noisy, e.g. to adapt a trained
+            rule's step size to a task.
     """
 
     run_dir: str
@@ -504,8 +504,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     except KeyError as e:
         raise ValueError(f"field 'family': {e.args[0]}") from e
     rule = rule.to(device)  # the master: the meta-parameters, whatever task the inner runs are on
-    trained = [p for k, p in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS]
-    meta_opt = torch.optim.Adam(trained, lr=cfg.meta_lr)
+    trained = {k: p for k, p in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS}
+    meta_opt = torch.optim.Adam(trained.values(), lr=cfg.meta_lr)
     evaluate = _Evaluator(cfg, rule, device) if cfg.eval_every and info.is_main else None
     warned_keys = False
 
@@ -541,9 +541,7 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     def held(noise: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The perturbations with those of meta-parameters the run does not train set to zero (drawn all the same,
         so the random stream does not depend on ``meta_params``)."""
-        if cfg.meta_params == "all":
-            return noise
-        return {k: v if k in SCALARS else torch.zeros_like(v) for k, v in noise.items()}
+        return {k: v if k in trained else torch.zeros_like(v) for k, v in noise.items()}
 
     def new_pes() -> PES:
         return PES(inner.rule, inner.problem, particles=mine.stop - mine.start, sigma=cfg.sigma,
@@ -632,25 +630,24 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                 keys = list(grads)
                 *summed, loss = all_reduce_sum([grads[k] for k in keys] + [loss])
                 grads = dict(zip(keys, summed))
-            names = [k for k, _ in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS]
             if cfg.accumulate == 1:
-                for k, p in zip(names, trained):
+                for k, p in trained.items():
                     p.grad = grads[k].to(p.dtype).clone()
-                norm = torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
+                norm = torch.nn.utils.clip_grad_norm_(trained.values(), cfg.clip)
                 finite = bool(torch.isfinite(norm))
                 if finite:
                     meta_opt.step()
                 meta_opt.zero_grad(set_to_none=True)
             else:  # average the window's finite estimates, then one clipped update
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k]) for k in names]))
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(grads[k]) for k in trained]))
                 finite = bool(torch.isfinite(norm))
                 if finite:
-                    accum["sum"] = {k: accum["sum"].get(k, 0) + grads[k] for k in names}
+                    accum["sum"] = {k: accum["sum"].get(k, 0) + grads[k] for k in trained}
                     accum["count"] += 1
                 if (step + 1) % cfg.accumulate == 0 and accum["count"]:
-                    for k, p in zip(names, trained):
+                    for k, p in trained.items():
                         p.grad = (accum["sum"][k] / accum["count"]).to(p.dtype)
-                    torch.nn.utils.clip_grad_norm_(trained, cfg.clip)
+                    torch.nn.utils.clip_grad_norm_(trained.values(), cfg.clip)
                     meta_opt.step()
                     meta_opt.zero_grad(set_to_none=True)
                     accum.update(sum={}, count=0)

@@ -60,6 +60,19 @@ def _scale(ax, values: list[float]) -> None:
             ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
 
 
+def _curve_panel(ax, steps: list[float], losses: list[float], color: str, xlabel: str, ylabel: str,
+                 title: str) -> None:
+    """A loss curve, raw and smoothed, on ``ax``."""
+    ax.plot(steps, losses, color=color, alpha=0.3, linewidth=0.8, label="raw")
+    ax.plot(steps, smooth(losses), color=color, linewidth=2.0, label="smoothed")
+    _scale(ax, losses)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+
+
 def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Draw ``run_dir``'s meta-loss and eval curves to a PNG; returns its path (default ``run_dir/metrics.png``).
 
@@ -95,28 +108,12 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
     axes = list(fig.subplots(1, panels, squeeze=False)[0])
 
     if imitation_rows:
-        ax = axes.pop(0)
-        steps, losses = _floats(imitation_rows, "step"), _floats(imitation_rows, "loss")
-        ax.plot(steps, losses, color="tab:green", alpha=0.3, linewidth=0.8, label="raw")
-        ax.plot(steps, smooth(losses), color="tab:green", linewidth=2.0, label="smoothed")
-        _scale(ax, losses)
-        ax.set_xlabel("regression step")
-        ax.set_ylabel("relative squared error of the update")
-        ax.set_title(f"imitation warm start: {run_dir.name}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
-
+        _curve_panel(axes.pop(0), _floats(imitation_rows, "step"), _floats(imitation_rows, "loss"), "tab:green",
+                     "regression step", "relative squared error of the update",
+                     f"imitation warm start: {run_dir.name}")
     if rows:
-        steps, losses = _floats(rows, "meta_step"), _floats(rows, "meta_loss")
-        ax = axes.pop(0)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
-        ax.plot(steps, smooth(losses), color="tab:blue", linewidth=2.0, label="smoothed")
-        _scale(ax, losses)
-        ax.set_xlabel("meta-step")
-        ax.set_ylabel("meta-loss")
-        ax.set_title(f"meta-training: {run_dir.name}")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        _curve_panel(axes.pop(0), _floats(rows, "meta_step"), _floats(rows, "meta_loss"), "tab:blue", "meta-step",
+                     "meta-loss", f"meta-training: {run_dir.name}")
 
     if eval_rows:
         ax = axes.pop(0)
