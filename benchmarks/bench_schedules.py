@@ -1,7 +1,7 @@
 """Benchmark: how much of a learned optimizer's edge a hand-set step-size schedule already gives.
 
     python benchmarks/bench_schedules.py [--task mlp-mnist1d] [--steps 2000 10000] [--seeds 5]
-        [--adam LR:TAU ...] [--teacher LR:TAU ...]
+        [--adam LR:TAU ...] [--teacher LR:TAU ...] [--snr-decay 0.99] [--snr-power 1] [--softness 0.1]
 
 Runs, with ``unf compare``'s protocol (same initialisations and batches per seed, final loss = mean minibatch loss
 over the last 50 steps, mean +- standard error over seeds), two schedules that the compare table's constant-rate
@@ -9,7 +9,8 @@ baselines do not have:
 
 - Adam (betas 0.9, 0.999) with an inverse-time decay ``lr / (1 + t / tau)``;
 - the imitation teacher :class:`meta_train.imitate.ScheduledNormalizedMomentum` (momentum normalised per tensor,
-  step size ``lr / (1 + t / tau)``), which the shipped ``unf-mnist1d-imitation`` rule was fitted to.
+  step size ``lr / (1 + t / tau)``), which the shipped imitation rules were fitted to; ``--snr-decay`` /
+  ``--snr-power`` / ``--softness`` turn on its self-annealing and soft-sign refinements (for every teacher row).
 
 Each ``LR:TAU`` pair is one run per seed; all runs of one kind step together as one population. Prints a
 markdown table.
@@ -26,6 +27,7 @@ from meta_train.compare import _adam, _inits, _population, _stats, final_loss
 from meta_train.estimators import FlatProblem
 from meta_train.imitate import ScheduledNormalizedMomentum
 from meta_train.tasks import get_task
+from optimizers.features import MOMENTUM_DECAYS
 
 
 def _pairs(values: list[str]) -> list[tuple[float, float]]:
@@ -38,20 +40,22 @@ def adam_inverse_time(pairs: list[tuple[float, float]], seeds: int):
     return _adam(lr, schedule=lambda t: 1 / (1 + t / tau))
 
 
-def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem):
-    unit = ScheduledNormalizedMomentum(lr=1.0, tau=1e30)  # the normalised direction (step size 1)
+def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, **options):
+    """The teacher at every ``(lr, tau)`` pair; ``options``: its other fields (``snr_decay``, ...), shared."""
+    unit = ScheduledNormalizedMomentum(lr=1.0, tau=1e30, **options)  # its direction at step size 1
     lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
     tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
+    decays = torch.tensor((unit.momentum, *MOMENTUM_DECAYS))[:, None]  # the rule's momenta, which it reads
 
     def init(w):
-        return torch.zeros_like(w), 0
+        return torch.zeros(w.shape[0], len(decays), w.shape[1]), 0
 
     def update(w, g, state):
-        m, t = state
-        m = unit.momentum * m + g
+        momenta, t = state
+        momenta = decays * momenta + g[:, None]
         # the teacher's step size at step t (0-based): lr / (1 + (t + 1) / tau)
-        change = unit.update(m, torch.zeros(m.shape[0]), problem.segments) * (lr / (1 + (t + 1) / tau))
-        return w + change, (m, t + 1)
+        change = unit.update(momenta, g, torch.zeros(g.shape[0]), problem.segments) * (lr / (1 + (t + 1) / tau))
+        return w + change, (momenta, t + 1)
 
     return init, update
 
@@ -64,6 +68,9 @@ def main() -> None:
     parser.add_argument("--adam", nargs="*", default=["0.03:100", "0.1:300", "0.3:300"], metavar="LR:TAU")
     parser.add_argument("--teacher", nargs="*", default=["0.02:300", "0.03:150", "0.03:300", "0.03:500", "0.05:150"],
                         metavar="LR:TAU")
+    parser.add_argument("--snr-decay", type=float, default=None, help="the teacher's snr_decay (default: off)")
+    parser.add_argument("--snr-power", type=float, default=1.0)
+    parser.add_argument("--softness", type=float, default=None, help="the teacher's softness (default: off)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,12 +80,15 @@ def main() -> None:
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
     rows = []
+    options = dict(snr_decay=args.snr_decay, snr_power=args.snr_power, softness=args.softness)
+    name = "normalised momentum" + "".join(f", {k} {v:g}" for k, v in options.items()
+                                           if v is not None and (k != "snr_power" or args.snr_decay))
     for kind, pairs in (("Adam, lr / (1 + t / tau)", _pairs(args.adam)),
-                        ("teacher (normalised momentum), lr / (1 + t / tau)", _pairs(args.teacher))):
+                        (f"teacher ({name}), lr / (1 + t / tau)", _pairs(args.teacher))):
         if not pairs:
             continue
         init, update = adam_inverse_time(pairs, len(seeds)) if kind.startswith("Adam") else \
-            teacher(pairs, len(seeds), problem)
+            teacher(pairs, len(seeds), problem, **options)
         losses = _population(task, problem, seeds, len(pairs), horizon, init, update, kind, True)
         losses = losses.view(len(seeds), len(pairs), horizon)
         for j, (lr, tau) in enumerate(pairs):

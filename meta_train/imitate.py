@@ -10,6 +10,10 @@ optimizer's edge over constant-rate Adam lies on a fixed budget. So before PES, 
     W <- W - lr / (1 + t / tau) * m / rms_segment(m)
 
 i.e. momentum normalised per segment (tensor or spec entry, as the features are) with an inverse-time decay.
+Optionally the teacher anneals itself: each segment's step is scaled by the cosine between the gradient and a
+slower momentum (``snr_decay``), which is high while successive gradients agree and falls as they turn to noise
+around a minimum, so the effective step size adapts to the task and the tensor instead of following a schedule
+tuned on one task. The rule can infer that cosine through its pooled (DeepSet) context.
 
 Protocol (:func:`imitate`): the teacher trains the task from a few initialisations; snapshots of the rule's
 inputs (parameters, gradient, the rule's seven momenta, step) are kept at log-spaced and regular steps; then the
@@ -23,6 +27,7 @@ and ``beta`` sets its scale). Everything is drawn from one generator: the same s
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,29 +35,50 @@ from torch.func import functional_call, grad_and_value, vmap
 from tqdm import tqdm
 
 import optimizers as O
-from optimizers.features import _EPS, MOMENTUM_DECAYS, Segments, segment_mean_square, segment_mul
+from optimizers.features import _EPS, MOMENTUM_DECAYS, Segments, segment_mean_square, segment_mul, segment_sum
 from optimizers.rule import N_MOMENTA, RuleState
 
 from .estimators import FlatProblem
 from .tasks import Task
 
-__all__ = ["ScheduledNormalizedMomentum", "Snapshots", "record_steps", "teacher_snapshots", "imitate"]
+__all__ = ["ScheduledNormalizedMomentum", "Snapshots", "ImitationSource", "record_steps", "teacher_snapshots",
+           "imitate"]
 
 
 @dataclass(frozen=True)
 class ScheduledNormalizedMomentum:
-    """The teacher (module docstring): per-segment normalised momentum with step size ``lr / (1 + t / tau)``."""
+    """The teacher (module docstring): per-segment normalised momentum with step size ``lr / (1 + t / tau)``.
+
+    Two optional refinements, both computed from what the rule itself sees (its features), so a rule can imitate
+    them; off by default:
+
+    - ``snr_decay`` (one of the rule's momentum decays, e.g. 0.99): each segment's step is scaled by
+      ``max(0, cos(grad, m_snr)) ** snr_power``, the cosine between the gradient and the slower momentum over the
+      segment. It is near 1 while gradients agree from step to step and falls towards 0 when they are noise around
+      a minimum, so the step anneals itself on each task and tensor (as Adam's ``m / sqrt(v)`` does per element);
+    - ``softness`` ``s``: the normalised direction ``d`` becomes the soft sign ``d (1 + s) / (|d| + s)``, moving
+      every element by about the same amount (Lion-like, for tensors whose elements see gradients of very
+      different sizes); ``s -> inf`` is the plain normalised momentum.
+    """
 
     lr: float = 0.03
     tau: float = 300.0
     momentum: float = 0.9
+    snr_decay: float | None = None
+    snr_power: float = 1.0
+    softness: float | None = None
 
     def __post_init__(self) -> None:
-        if self.momentum not in MOMENTUM_DECAYS:
-            raise ValueError(f"the teacher's momentum must be one of the rule's feature decays {MOMENTUM_DECAYS} "
-                             f"(the rule must see it), got {self.momentum}")
+        for name in ("momentum", "snr_decay"):
+            value = getattr(self, name)
+            if value is not None and value not in MOMENTUM_DECAYS:
+                raise ValueError(f"the teacher's {name} must be one of the rule's feature decays {MOMENTUM_DECAYS} "
+                                 f"(the rule must see it), got {value}")
         if not (self.lr > 0 and self.tau > 0):
             raise ValueError(f"lr and tau must be positive, got lr={self.lr}, tau={self.tau}")
+        if not self.snr_power > 0 or (self.softness is not None and not self.softness > 0):
+            raise ValueError(f"snr_power and softness must be positive, got snr_power={self.snr_power}, "
+                             f"softness={self.softness}")
 
     @property
     def momentum_row(self) -> int:
@@ -60,13 +86,35 @@ class ScheduledNormalizedMomentum:
         return 1 + MOMENTUM_DECAYS.index(self.momentum)
 
     def step_size(self, step: torch.Tensor) -> torch.Tensor:
-        """Step size of the update taken at ``step`` (0-based, like the rule's step count)."""
+        """Step size of the update taken at ``step`` (0-based, like the rule's step count): the RMS of the plain
+        teacher's update, an upper bound on the scaled one's."""
         return self.lr / (1 + (step + 1) / self.tau)
 
-    def update(self, momentum: torch.Tensor, step: torch.Tensor, segments: Segments) -> torch.Tensor:
-        """The teacher's change of the parameters given its updated momentum ``(..., N)`` and ``step`` ``(...)``."""
+    def update(self, momenta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, segments: Segments
+               ) -> torch.Tensor:
+        """The teacher's change of the parameters given the rule's *updated* momenta ``(..., 7, N)`` (base row
+        first), the gradient ``(..., N)`` and ``step`` ``(...)``."""
+        momentum = momenta[..., self.momentum_row, :]
         rms_inv = (segment_mean_square(momentum, segments, dim=-1) + _EPS).rsqrt()
-        return segment_mul(momentum, rms_inv, segments, dim=-1) * -self.step_size(step).unsqueeze(-1)
+        direction = segment_mul(momentum, rms_inv, segments, dim=-1)
+        if self.softness is not None:
+            direction = direction * (1 + self.softness) / (direction.abs() + self.softness)
+        change = direction * -self.step_size(step).unsqueeze(-1)
+        if self.snr_decay is None:
+            return change
+        slow = momenta[..., 1 + MOMENTUM_DECAYS.index(self.snr_decay), :]
+        dot = segment_sum(grad * slow, segments, dim=-1)
+        norms = segment_sum(grad * grad, segments, dim=-1) * segment_sum(slow * slow, segments, dim=-1)
+        cosine = (dot * (norms + _EPS).rsqrt()).clamp_min(0)
+        return segment_mul(change, cosine**self.snr_power, segments, dim=-1)
+
+    def describe(self) -> str:
+        """The settings that differ from the defaults' (for run metadata)."""
+        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("snr_decay", "softness")
+                        if getattr(self, k) is not None)
+        if self.snr_decay is not None and self.snr_power != 1:
+            extra += f", snr_power={self.snr_power:g}"
+        return f"ScheduledNormalizedMomentum(lr={self.lr:g}, tau={self.tau:g}{extra})"
 
 
 @dataclass
@@ -121,23 +169,36 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
             if t in keep:
                 out.append((w.clone(), g.clone(), momenta.clone(), step))
             momenta = decays * momenta + g
-            w = w + teacher.update(momenta[teacher.momentum_row], step, problem.segments)
+            w = w + teacher.update(momenta, g, step, problem.segments)
             bar.update()
     bar.close()
     w, g, m, s = (torch.stack(x) for x in zip(*out))
     return Snapshots(w, g, m, s)
 
 
+@dataclass
+class ImitationSource:
+    """Snapshots of one more task for :func:`imitate`, with the rule that runs the fitted rule's parameters on that
+    task's layout (:func:`meta_train.build.bind_rule`; the fitted rule itself for per-element families) and its
+    :class:`FlatProblem`."""
+
+    rule: O.LearnedRule
+    problem: FlatProblem
+    snapshots: Snapshots
+
+
 def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, teacher: ScheduledNormalizedMomentum,
             steps: int, generator: torch.Generator, batch: int = 16, lr: float = 1e-3, alpha: float = 1e-3,
-            beta: float = 30.0, gamma0: float | None = None, progress: bool = True) -> list[float]:
+            beta: float = 30.0, gamma0: float | None = None, progress: bool = True,
+            more: Sequence[ImitationSource] = ()) -> list[float]:
     """Fit ``rule`` (in place) to ``teacher``'s updates on ``snapshots``; returns the loss of every step.
 
     The loss is ``mean(((rule's change - teacher's change) / teacher's step size) ** 2)`` over a batch of
     snapshots, minimised by Adam (``lr``, cosine-annealed over ``steps``). ``alpha`` and ``gamma0`` (default: the
     teacher's momentum; the snapshots' must be the same) are set and held fixed (module docstring); ``beta`` starts
     at ``beta``. ``problem`` gives the layout the rule reads (for
-    a UNF rule, its spec's segments: :func:`meta_train.build.build_rule`).
+    a UNF rule, its spec's segments: :func:`meta_train.build.build_rule`). ``more``: snapshots of other tasks; the
+    steps then take their batches from each source in turn (``rule``'s own first).
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
@@ -149,18 +210,26 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
     fixed = {k: v.detach() for k, v in rule.named_parameters() if k in ("raw_alpha", "raw_gamma0")}
     opt = torch.optim.Adam(trained.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    segments = problem.segments
+    # the snapshots' momenta are from before the step: the teacher reads them updated
+    decays = torch.tensor((teacher.momentum if gamma0 is None else gamma0, *MOMENTUM_DECAYS),
+                          device=snapshots.w.device).unsqueeze(-1)
+    sources = [ImitationSource(rule, problem, snapshots), *more]
 
-    def new_w(theta, w, g, m, s):
-        return functional_call(rule, theta, (w, g, RuleState(m, s), segments))[0]
+    def stepper(source: ImitationSource):
+        def new_w(theta, w, g, m, s):
+            return functional_call(source.rule, theta, (w, g, RuleState(m, s), source.problem.segments))[0]
 
-    step_all = vmap(new_w, in_dims=(None, 0, 0, 0, 0))
+        return vmap(new_w, in_dims=(None, 0, 0, 0, 0))
+
+    steppers = [stepper(source) for source in sources]
     losses = []
-    for _ in tqdm(range(steps), desc="imitation", disable=not progress, leave=False, mininterval=1.0):
-        idx = torch.randint(0, len(snapshots), (min(batch, len(snapshots)),), generator=generator)
-        w, g, m, s = snapshots.w[idx], snapshots.grad[idx], snapshots.momenta[idx], snapshots.step[idx]
-        change = step_all({**trained, **fixed}, w, g, m, s) - w
-        target = teacher.update(teacher.momentum * m[:, teacher.momentum_row] + g, s, segments)
+    for i in tqdm(range(steps), desc="imitation", disable=not progress, leave=False, mininterval=1.0):
+        source = sources[i % len(sources)]
+        snaps = source.snapshots
+        idx = torch.randint(0, len(snaps), (min(batch, len(snaps)),), generator=generator)
+        w, g, m, s = snaps.w[idx], snaps.grad[idx], snaps.momenta[idx], snaps.step[idx]
+        change = steppers[i % len(sources)]({**trained, **fixed}, w, g, m, s) - w
+        target = teacher.update(decays * m + g.unsqueeze(1), g, s, source.problem.segments)
         loss = ((change - target) / teacher.step_size(s).unsqueeze(-1)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

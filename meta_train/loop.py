@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 import optimizers as O
+from optimizers.features import MOMENTUM_DECAYS
 
 from .build import bind_rule, build_rule, copy_rule, union_role_keys
 from .distributed import DistInfo, all_gather_cat, all_reduce_sum, particle_slice
@@ -107,8 +108,16 @@ class MetaTrainConfig:
             only (not with ``task_family``). Its losses go to ``run_dir/imitation.csv``.
         imitate_runs: teacher runs the imitation's snapshots come from.
         imitate_horizon: steps of each teacher run (the rule learns the schedule up to this step).
+        imitate_tasks: more registered tasks whose teacher runs (``imitate_runs`` each) join the imitation's
+            snapshots, so the rule learns the teacher's behaviour beyond the one task (a UNF rule's read-out then
+            covers the role keys of all of them).
         teacher_lr: the teacher's initial step size (per-element RMS of its update).
         teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
+        teacher_snr_decay: 0 (default: off), or a momentum decay of the rule (e.g. 0.99): the teacher scales each
+            tensor's step by ``max(0, cos(grad, momentum at that decay)) ** teacher_snr_power`` (self-annealing).
+        teacher_snr_power: exponent of that cosine.
+        teacher_softness: 0 (default: off), or ``s > 0``: the teacher's normalised direction ``d`` becomes the soft
+            sign ``d (1 + s) / (|d| + s)`` (see :class:`meta_train.imitate.ScheduledNormalizedMomentum`).
         accumulate: meta-steps whose estimates are averaged before one update of the meta-optimizer (1: an update
             every meta-step). With ``horizon / truncation`` it averages a whole inner run's truncations, so the
             meta-optimizer sees one full-horizon estimate per update. A non-finite estimate is left out of the
@@ -144,8 +153,12 @@ class MetaTrainConfig:
     imitate_steps: int = 0
     imitate_runs: int = 6
     imitate_horizon: int = 10000
+    imitate_tasks: list[str] = field(default_factory=list)
     teacher_lr: float = 0.03
     teacher_tau: float = 300.0
+    teacher_snr_decay: float = 0.0
+    teacher_snr_power: float = 1.0
+    teacher_softness: float = 0.0
     meta_params: str = "all"
     accumulate: int = 1
 
@@ -158,7 +171,7 @@ class MetaTrainConfig:
 
 _POSITIVE = ("hidden", "particles", "truncation", "horizon", "checkpoint_every", "accumulate", "eval_steps",
              "eval_seeds", "sigma", "meta_lr", "clip", "imitate_runs", "imitate_horizon", "teacher_lr",
-             "teacher_tau")
+             "teacher_tau", "teacher_snr_power")
 
 
 def _type_name(hint: Any) -> str:
@@ -199,6 +212,10 @@ def _check_values(cfg: MetaTrainConfig) -> None:
         raise bad("meta_steps", "must be positive (0 only with imitate_steps > 0: an imitation-only run)")
     if cfg.imitate_steps and cfg.task_family:
         raise bad("imitate_steps", "must be 0 with 'task_family' set (imitation fits the rule on one task)")
+    if cfg.teacher_snr_decay and cfg.teacher_snr_decay not in MOMENTUM_DECAYS:
+        raise bad("teacher_snr_decay", f"must be 0 (off) or one of the rule's momentum decays {MOMENTUM_DECAYS}")
+    if cfg.teacher_softness < 0 or not math.isfinite(cfg.teacher_softness):
+        raise bad("teacher_softness", "must be 0 (off) or positive")
     if cfg.estimator not in ESTIMATORS:
         raise bad("estimator", f"must be one of {', '.join(ESTIMATORS)}")
     if cfg.meta_params not in META_PARAMS:
@@ -219,9 +236,12 @@ def _check_values(cfg: MetaTrainConfig) -> None:
             raise ValueError(f"fields 'task' and 'task_family' are exclusive (a run trains on one task or on a "
                              f"family): leave 'task' at its default {DEFAULT_TASK!r} when 'task_family' is set; "
                              f"got task={cfg.task!r}, task_family={cfg.task_family!r}")
-    for name in cfg.eval_tasks:
-        if name not in known:
-            raise ValueError(f"field 'eval_tasks': unknown task {name!r}; registered: {', '.join(known)}")
+    for which in ("eval_tasks", "imitate_tasks"):
+        for name in getattr(cfg, which):
+            if name not in known:
+                raise ValueError(f"field {which!r}: unknown task {name!r}; registered: {', '.join(known)}")
+    if cfg.imitate_tasks and not cfg.imitate_steps:
+        raise bad("imitate_tasks", "needs imitate_steps > 0 (they are imitation tasks)")
     if cfg.eval_every and not cfg.eval_tasks:
         raise bad("eval_tasks", "must name at least one task when eval_every > 0")
 
@@ -448,16 +468,30 @@ def _check_resumable(saved: dict, cfg: MetaTrainConfig, path: Path) -> None:
         raise ValueError(f"{path} was written with a different config ({'; '.join(diff)}); use a new --run-dir")
 
 
+def _teacher(cfg: MetaTrainConfig):
+    """The config's imitation teacher (0 turns a refinement off)."""
+    from .imitate import ScheduledNormalizedMomentum
+
+    return ScheduledNormalizedMomentum(lr=cfg.teacher_lr, tau=cfg.teacher_tau, snr_decay=cfg.teacher_snr_decay or None,
+                                       snr_power=cfg.teacher_snr_power, softness=cfg.teacher_softness or None)
+
+
 def _imitation_warm_start(cfg: MetaTrainConfig, rule: O.LearnedRule, task: Task, problem: FlatProblem,
                           run_dir: Path, progress: bool, write: bool) -> None:
     """Fit ``rule`` to the teacher (:mod:`meta_train.imitate`) from a generator of its own (every process of a
     distributed run computes the same rule); ``write``: log the losses to ``imitation.csv``."""
-    from .imitate import ScheduledNormalizedMomentum, imitate, teacher_snapshots
+    from .imitate import ImitationSource, imitate, teacher_snapshots
 
     gen = torch.Generator().manual_seed(_derived_seed("imitate", cfg.seed))
-    teacher = ScheduledNormalizedMomentum(lr=cfg.teacher_lr, tau=cfg.teacher_tau)
+    teacher = _teacher(cfg)
     snaps = teacher_snapshots(task, problem, teacher, cfg.imitate_runs, cfg.imitate_horizon, gen, progress)
-    losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, progress=progress)
+    more = []
+    for name in cfg.imitate_tasks:
+        extra = _get_task(name, task.device)
+        bound, extra_problem = bind_rule(rule, cfg.family, extra, extra.init(gen))
+        more.append(ImitationSource(bound, extra_problem, teacher_snapshots(
+            extra, extra_problem, teacher, cfg.imitate_runs, cfg.imitate_horizon, gen, progress)))
+    losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, progress=progress, more=more)
     if write:
         _write_csv(run_dir / "imitation.csv", [{"step": i, "loss": x} for i, x in enumerate(losses)],
                    ("step", "loss"))
@@ -498,6 +532,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     drawn_from = gen.get_state() if family is not None else None
     task = _sample_task(family, gen) if family is not None else _get_task(cfg.task, device)
     w0_params = task.init(gen)
+    if cfg.imitate_steps and cfg.imitate_tasks and cfg.family == "unf":  # one read-out for every imitation task
+        role_keys = union_role_keys([task, *(_get_task(name, device) for name in cfg.imitate_tasks)])
     try:
         rule, problem = build_rule(cfg.family, task, w0_params, hidden=cfg.hidden, init_from=cfg.init_from or None,
                                    role_keys=role_keys)
@@ -681,9 +717,10 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
     if info.is_main and stop == cfg.meta_steps:
         trained_on = ({"task": f"family:{cfg.task_family}", "task_family": cfg.task_family} if cfg.task_family
                       else {"task": cfg.task})
-        imitation = ({"imitation": f"{cfg.imitate_steps} steps fitting ScheduledNormalizedMomentum(lr="
-                                   f"{cfg.teacher_lr:g}, tau={cfg.teacher_tau:g}) on {cfg.imitate_runs} runs of "
-                                   f"{cfg.imitate_horizon} steps"} if cfg.imitate_steps else {})
+        where = f" of each of {', '.join([cfg.task, *cfg.imitate_tasks])}" if cfg.imitate_tasks else ""
+        imitation = ({"imitation": f"{cfg.imitate_steps} steps fitting {_teacher(cfg).describe()} on "
+                                   f"{cfg.imitate_runs} runs of {cfg.imitate_horizon} steps{where}"}
+                     if cfg.imitate_steps else {})
         O.save_rule(rule, run_dir / "rule.safetensors", **trained_on, estimator=cfg.estimator,
                     meta_steps=cfg.meta_steps, **imitation)
     return rule

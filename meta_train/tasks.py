@@ -627,6 +627,11 @@ for _name, _factory, _defaults in [
     ("mlp-mnist1d-w128", mlp_task, {"dataset": "mnist1d", "hidden": (128,)}),
     ("mlp-mnist1d-tanh", mlp_task, {"dataset": "mnist1d", "activation": "tanh"}),
     ("mlp-mnist1d-deep", mlp_task, {"dataset": "mnist1d", "hidden": (32, 32, 32)}),
+    # members of the mlp-mnist1d-relu family (below), for imitation and for choosing a teacher without touching
+    # the held-out tasks (benchmarks/select_teacher.py)
+    ("mlp-mnist1d-w64-b64", mlp_task, {"dataset": "mnist1d", "hidden": (64,), "batch_size": 64}),
+    ("mlp-mnist1d-16x16-b256", mlp_task, {"dataset": "mnist1d", "hidden": (16, 16), "batch_size": 256}),
+    ("mlp-mnist1d-32x64-b128", mlp_task, {"dataset": "mnist1d", "hidden": (32, 64), "batch_size": 128}),
     ("mlp-digits-w128", mlp_task, {"dataset": "digits", "hidden": (128,)}),
     ("mlp-digits-tanh", mlp_task, {"dataset": "digits", "activation": "tanh"}),
     ("mlp-digits-deep", mlp_task, {"dataset": "digits", "hidden": (32, 32, 32)}),

@@ -13,20 +13,56 @@ from meta_train.tasks import get_task
 from optimizers.features import MOMENTUM_DECAYS, Segments
 
 
+def _momenta(m: torch.Tensor, row: int, other: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, 7, N) momenta with ``m`` in ``row`` and ``other`` (default: noise) in the other rows."""
+    out = torch.randn(m.shape[0], 7, m.shape[1], generator=torch.Generator().manual_seed(0)) if other is None \
+        else other.clone()
+    out[:, row] = m
+    return out
+
+
 def test_teacher_update_is_normalised_momentum_with_inverse_time_decay():
     teacher = ScheduledNormalizedMomentum(lr=0.1, tau=10.0)
     seg = Segments.from_sizes([3, 2])
     m = torch.tensor([[3.0, 0.0, -4.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0, 2.0]])
     step = torch.tensor([0.0, 19.0])
-    change = teacher.update(m, step, seg)
+    grad = torch.randn(2, 5)
+    change = teacher.update(_momenta(m, teacher.momentum_row), grad, step, seg)
     rms = torch.tensor([[(25 / 3) ** 0.5] * 3 + [1.0] * 2, [1.0] * 3 + [2 ** 0.5] * 2])
     size = torch.tensor([0.1 / 1.1, 0.1 / 3.0])[:, None]
     torch.testing.assert_close(change, -size * m / rms)
     # every segment's update has root mean square = the step size (the scale of the gradients does not matter)
-    torch.testing.assert_close(teacher.update(1e4 * m, step, seg), change)
+    torch.testing.assert_close(teacher.update(_momenta(1e4 * m, teacher.momentum_row), grad, step, seg), change)
+
+
+def test_teacher_refinements_snr_scaling_and_soft_sign():
+    seg = Segments.from_sizes([3, 2])
+    m = torch.tensor([[3.0, 0.0, -4.0, 1.0, 1.0]])
+    step = torch.tensor([4.0])
+    plain = ScheduledNormalizedMomentum(lr=0.1, tau=10.0)
+    snr = ScheduledNormalizedMomentum(lr=0.1, tau=10.0, snr_decay=0.99, snr_power=2.0)
+    slow_row = 1 + MOMENTUM_DECAYS.index(0.99)
+    grad = torch.tensor([[1.0, 0.0, 0.0, 1.0, -1.0]])
+    slow = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0]])  # cosines with the gradient: 1 / sqrt(2), then 0
+    momenta = _momenta(m, plain.momentum_row, _momenta(slow, slow_row))
+    scale = torch.tensor([[0.5] * 3 + [0.0] * 2])  # cos ** 2 per segment
+    torch.testing.assert_close(snr.update(momenta, grad, step, seg), scale * plain.update(momenta, grad, step, seg))
+    # a gradient opposing the slow momentum stops the step (the cosine is clamped at 0), scale-free as before
+    assert float(snr.update(momenta, -grad, step, seg).abs().max()) == 0
+    torch.testing.assert_close(snr.update(1e3 * momenta, 1e-3 * grad, step, seg), snr.update(momenta, grad, step, seg))
+    # soft sign: d (1 + s) / (|d| + s) of the normalised direction d; nearly a sign for small s
+    soft = ScheduledNormalizedMomentum(lr=0.1, tau=10.0, softness=0.01)
+    d = plain.update(momenta, grad, step, seg) / -plain.step_size(step)
+    torch.testing.assert_close(soft.update(momenta, grad, step, seg),
+                               -plain.step_size(step) * d * 1.01 / (d.abs() + 0.01))
+    assert torch.allclose(soft.update(momenta, grad, step, seg).abs()[m != 0], plain.step_size(step), rtol=0.02)
+    assert "snr_decay=0.99, snr_power=2" in snr.describe() and plain.describe() == \
+        "ScheduledNormalizedMomentum(lr=0.1, tau=10)"
 
 
 @pytest.mark.parametrize("kwargs, message", [(dict(momentum=0.95), "one of the rule's feature decays"),
+                                             (dict(snr_decay=0.95), "snr_decay must be one of"),
+                                             (dict(softness=0.0), "positive"), (dict(snr_power=-1.0), "positive"),
                                              (dict(lr=0.0), "positive"), (dict(tau=-1.0), "positive")])
 def test_teacher_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -64,7 +100,7 @@ def test_snapshots_are_the_teachers_states_and_reproducible():
     decays = torch.tensor((teacher.momentum, *MOMENTUM_DECAYS))[:, None]
     m1 = decays * a.momenta[0] + a.grad[0]
     torch.testing.assert_close(a.momenta[1], m1)
-    torch.testing.assert_close(a.w[1], a.w[0] + teacher.update(m1[0], a.step[0], problem.segments))
+    torch.testing.assert_close(a.w[1], a.w[0] + teacher.update(m1, a.grad[0], a.step[0], problem.segments))
 
 
 def test_snapshots_that_would_not_fit_are_refused_up_front():
@@ -85,24 +121,32 @@ def test_snapshots_with_another_base_momentum():
     assert torch.equal(a.w, b.w) and torch.equal(a.momenta[:, 1:], b.momenta[:, 1:])  # the teacher's runs alike
 
 
-@pytest.mark.parametrize("family", ["deepset", "unf"])
-def test_imitation_fits_the_teacher(family):
+@pytest.mark.parametrize("family, teacher, ratio, min_cos", [
+    ("deepset", ScheduledNormalizedMomentum(), 0.2, 0.9), ("unf", ScheduledNormalizedMomentum(), 0.2, 0.9),
+    # the refined teacher scales each tensor's step by a cosine the rule must infer from pooled features: a tiny
+    # rule fitted briefly gets part of the way (the shipped 3000-step fit goes from 0.034 to 0.0011)
+    ("unf", ScheduledNormalizedMomentum(lr=0.1, tau=1000, snr_decay=0.99, softness=0.1), 0.5, 0.75)])
+def test_imitation_fits_the_teacher(family, teacher, ratio, min_cos):
     task, rule, problem = _tiny(family)
-    teacher = ScheduledNormalizedMomentum()
     snaps = teacher_snapshots(task, problem, teacher, runs=1, horizon=100,
                               generator=torch.Generator().manual_seed(0), progress=False)
+    decays = torch.tensor((teacher.momentum, *MOMENTUM_DECAYS))[:, None]
+    targets = [teacher.update(decays * snaps.momenta[k] + snaps.grad[k], snaps.grad[k], snaps.step[k],
+                              problem.segments) for k in range(len(snaps))]
+    # the loss of a rule that does not move: the teacher's squared step relative to its nominal size
+    still = float(torch.stack([t / teacher.step_size(s) for t, s in zip(targets, snaps.step)]).pow(2).mean())
     losses = imitate(rule, problem, snaps, teacher, steps=400, generator=torch.Generator().manual_seed(0),
-                     batch=4, lr=3e-3, progress=False)
+                     batch=8, lr=3e-3, progress=False)
     assert len(losses) == 400
-    assert sum(losses[-20:]) / 20 < 0.2 * sum(losses[:5]) / 5  # relative error well below the start's ~1
+    assert sum(losses[-20:]) / 20 < ratio * still
     assert rule.alpha.item() == pytest.approx(1e-3) and rule.gamma0.item() == pytest.approx(teacher.momentum)
     # the fitted rule, stepping on its own, follows the teacher's direction (cosine similarity of the updates)
-    k = len(snaps) // 2
-    new_w, _, _ = rule.update(snaps.w[k], snaps.grad[k], O.RuleState(snaps.momenta[k], snaps.step[k]),
-                              problem.segments)
-    m = teacher.momentum * snaps.momenta[k, 1 + MOMENTUM_DECAYS.index(teacher.momentum)] + snaps.grad[k]
-    target = teacher.update(m, snaps.step[k], problem.segments)
-    assert float(torch.nn.functional.cosine_similarity(new_w.detach() - snaps.w[k], target, dim=0)) > 0.9
+    cosines = []
+    for k in range(0, len(snaps), 5):
+        new_w, _, _ = rule.update(snaps.w[k], snaps.grad[k], O.RuleState(snaps.momenta[k], snaps.step[k]),
+                                  problem.segments)
+        cosines.append(float(torch.nn.functional.cosine_similarity(new_w.detach() - snaps.w[k], targets[k], dim=0)))
+    assert sum(cosines) / len(cosines) > min_cos, cosines
 
 
 SMALL = dict(task="mlp-digits", family="deepset", hidden=4, meta_steps=4, truncation=2, particles=2, horizon=4,
@@ -135,3 +179,43 @@ def test_imitation_only_run_saves_the_fitted_rule(tmp_path):
     assert "ScheduledNormalizedMomentum(lr=0.03, tau=300)" in info["imitation"] and info["meta_steps"] == 0
     with pytest.raises(ValueError, match="field 'meta_steps' must be positive .0 only with imitate_steps > 0"):
         MetaTrainConfig(run_dir=str(tmp_path), meta_steps=0)
+
+
+def test_loop_passes_the_teacher_refinements(tmp_path):
+    cfg = MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, meta_steps=0, teacher_lr=0.02, teacher_tau=3000.0,
+                                                         teacher_snr_decay=0.99, teacher_softness=0.5))
+    meta_train(cfg, progress=False)
+    info = O.weights_info(tmp_path / "rule.safetensors")["info"]
+    assert "ScheduledNormalizedMomentum(lr=0.02, tau=3000, snr_decay=0.99, softness=0.5)" in info["imitation"]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("teacher_snr_decay", 0.95, "field 'teacher_snr_decay' must be 0 .off. or one of the rule's momentum decays"),
+    ("teacher_softness", -1.0, "field 'teacher_softness' must be 0 .off. or positive"),
+    ("teacher_snr_power", 0.0, "field 'teacher_snr_power' must be positive")])
+def test_bad_teacher_refinements_name_their_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        MetaTrainConfig(run_dir=str(tmp_path), **{field: value})
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_imitation_over_more_tasks(tmp_path, family):
+    extra = dict(SMALL, family=family, meta_steps=0, imitate_tasks=["mlp-mnist1d"], imitate_steps=4)
+    rule = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "a"), **extra), progress=False)
+    info = O.weights_info(tmp_path / "a" / "rule.safetensors")["info"]
+    assert info["imitation"].endswith("runs of 20 steps of each of mlp-digits, mlp-mnist1d")
+    one = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "b"), **dict(extra, imitate_tasks=[])), progress=False)
+    assert not torch.equal(rule.beta, one.beta)  # the second task's snapshots took part
+    if family == "unf":  # the read-out covers both tasks' role keys, so the rule runs on either at full coverage
+        from meta_train.build import bind_rule
+
+        task = get_task("mlp-mnist1d")
+        bound, _ = bind_rule(rule, "unf", task, task.init(torch.Generator().manual_seed(0)))
+        assert bound.f.head.coverage == 1.0
+
+
+def test_imitation_tasks_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="field 'imitate_tasks': unknown task 'nope'"):
+        MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_tasks=["nope"]))
+    with pytest.raises(ValueError, match="field 'imitate_tasks' needs imitate_steps > 0"):
+        MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_steps=0, imitate_tasks=["mlp-mnist1d"]))

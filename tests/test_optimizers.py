@@ -381,7 +381,7 @@ def test_step_size_never_gets_stuck_at_zero():
 
 def test_shipped_weights_load_and_train():
     names = O.available()
-    assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-mnist1d-imitation",
+    assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-mnist1d-imitation", "unf-mnist1d-snr",
             "unf-transformer-shakespeare"} <= set(names)
     torch.manual_seed(0)
     for name in names:

@@ -1,0 +1,99 @@
+"""Select an imitation teacher's settings on meta-training tasks only (never on the held-out tasks).
+
+    python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--out results.txt]
+
+The selection tasks are the meta-training task ``mlp-mnist1d`` and three members of the ``mlp-mnist1d-relu`` family
+(ReLU MLPs of width <= 64 on mnist1d, which the held-out tasks - width 128, tanh, depth 3, digits, the LM - are
+not): width 64 / batch 64, 16-16 / batch 256, 32-64 / batch 128. On each, Adam is tuned over ``unf compare``'s
+7-point grid per horizon, and every candidate teacher
+(:class:`meta_train.imitate.ScheduledNormalizedMomentum` settings ``lr:tau:snr_decay:snr_power:softness``, 0 for
+off) runs with the same protocol (same initialisations and batches per seed; final loss = mean minibatch loss over
+the last 50 steps, averaged over seeds). A candidate's score is the geometric mean, over tasks and horizons, of
+its loss over tuned Adam's; the lowest score wins. Prints every ratio, the scores, and the winner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+
+import torch
+from bench_schedules import teacher
+
+from meta_train.compare import LR_GRIDS, _inits, _population, final_loss, run_baseline
+from meta_train.estimators import FlatProblem
+from meta_train.tasks import get_task
+
+#: the candidates evaluated for the shipped ``unf-mnist1d-snr`` weights (every one that was tried)
+CANDIDATES = (
+    # without self-annealing (the shipped unf-mnist1d-imitation teacher first), and with soft signs
+    "0.03:300:0:1:0", "0.03:300:0:1:0.1",
+    *(f"{lr}:{tau}:0.99:1:0.1" for lr in (0.01, 0.03, 0.1) for tau in (300, 1000, 3000, 1e9)),
+    "0.3:300:0.99:1:0.1", "0.3:1000:0.99:1:0.1", "0.1:300:0.99:0.5:0.1", "0.1:1000:0.99:0.5:0.1",
+    "0.1:1000:0.99:2:0.1", "0.1:1000:0.99:1:1",
+    # self-annealing, plain normalised direction
+    *(f"{lr}:{tau}:0.99:1:0" for lr in (0.03, 0.05, 0.1) for tau in (1000, 3000, 1e9)),
+    "0.05:1000:0.99:0.5:0", "0.05:1000:0.99:2:0", "0.05:1000:0.999:1:0", "0.03:1000:0.999:1:0",
+    "0.1:1000:0.999:1:0", "0.05:300:0.99:1:0", "0.02:1000:0.99:1:0", "0.02:3000:0.99:1:0",
+)
+
+
+#: the meta-training task and three members of the mlp-mnist1d-relu family (registered in meta_train.tasks)
+SELECTION_TASKS = ("mlp-mnist1d", "mlp-mnist1d-w64-b64", "mlp-mnist1d-16x16-b256", "mlp-mnist1d-32x64-b128")
+
+
+def _options(spec: str) -> tuple[tuple[float, float], dict]:
+    lr, tau, snr, power, soft = (float(x) for x in spec.split(":"))
+    return (lr, tau), dict(snr_decay=snr or None, snr_power=power, softness=soft or None)
+
+
+def ratios(task, candidates: list[str], seeds: list[int], steps: list[int]) -> dict[str, list[float]]:
+    """Every candidate's final loss over tuned Adam's, per horizon."""
+    adam = run_baseline(task, "adam", LR_GRIDS["adam"], seeds, max(steps), progress=False)
+    best = [min(float(final_loss(adam[:, j], t).mean()) for j in range(adam.shape[1])) for t in steps]
+    _, _, example = _inits(task, seeds[:1])
+    problem = FlatProblem.from_task(task, example)
+    groups: dict[tuple, list[str]] = {}  # candidates sharing the non-(lr, tau) settings run as one population
+    for spec in candidates:
+        groups.setdefault(tuple(sorted(_options(spec)[1].items(), key=str)), []).append(spec)
+    out = {}
+    for key, specs in groups.items():
+        init, update = teacher([_options(s)[0] for s in specs], len(seeds), problem, **dict(key))
+        losses = _population(task, problem, seeds, len(specs), max(steps), init, update, "teacher", False)
+        losses = losses.view(len(seeds), len(specs), -1)
+        for j, spec in enumerate(specs):
+            out[spec] = [float(final_loss(losses[:, j], t).mean()) / b for t, b in zip(steps, best)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, nargs="+", default=[2000, 10000])
+    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), metavar="LR:TAU:SNR:POWER:SOFT")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    print(f"seeds 0-{args.seeds - 1}, horizons {args.steps}, {platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} thread(s)\n")
+    table: dict[str, list[float]] = {c: [] for c in args.candidates}
+    names = []
+    for task in map(get_task, SELECTION_TASKS):
+        names.append(task.name)
+        for spec, r in ratios(task, args.candidates, seeds, args.steps).items():
+            table[spec] += r
+        print(f"done: {task.name}", flush=True)
+    cols = [f"{n} T={t}" for n in names for t in args.steps]
+    print("\n| teacher lr:tau:snr_decay:snr_power:softness | " + " | ".join(cols) + " | score |")
+    print("|---|" + "---|" * (len(cols) + 1))
+    scores = {c: math.exp(sum(math.log(x) for x in r) / len(r)) for c, r in table.items()}
+    for spec in sorted(scores, key=scores.get):
+        print(f"| {spec} | " + " | ".join(f"{x:.3g}" for x in table[spec]) + f" | {scores[spec]:.3g} |")
+    print(f"\nselected: {min(scores, key=scores.get)} (geometric mean of loss / tuned Adam's: "
+          f"{min(scores.values()):.3g})")
+
+
+if __name__ == "__main__":
+    main()
