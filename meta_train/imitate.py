@@ -87,7 +87,7 @@ class ScheduledNormalizedMomentum:
 
     def step_size(self, step: torch.Tensor) -> torch.Tensor:
         """Step size of the update taken at ``step`` (0-based, like the rule's step count): the RMS of the plain
-        teacher's update, an upper bound on the scaled one's."""
+        teacher's update (the SNR scaling only shrinks it; the imitation measures its error against this)."""
         return self.lr / (1 + (step + 1) / self.tau)
 
     def update(self, momenta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, segments: Segments
