@@ -108,6 +108,8 @@ class MetaTrainConfig:
             only (not with ``task_family``). Its losses go to ``run_dir/imitation.csv``.
         imitate_runs: teacher runs the imitation's snapshots come from.
         imitate_horizon: steps of each teacher run (the rule learns the schedule up to this step).
+        imitate_beta: the rule's ``beta`` when the imitation starts (it is fitted too). With ``alpha`` held at 1e-3
+            and ``f`` bounded by 10, the learned part of a step is at most ``1e-2 * beta`` per element.
         imitate_tasks: more registered tasks whose teacher runs (``imitate_runs`` each) join the imitation's
             snapshots, so the rule learns the teacher's behaviour beyond the one task (a UNF rule's read-out then
             covers the role keys of all of them).
@@ -153,6 +155,7 @@ class MetaTrainConfig:
     imitate_steps: int = 0
     imitate_runs: int = 6
     imitate_horizon: int = 10000
+    imitate_beta: float = 30.0
     imitate_tasks: list[str] = field(default_factory=list)
     teacher_lr: float = 0.03
     teacher_tau: float = 300.0
@@ -170,7 +173,7 @@ class MetaTrainConfig:
 
 
 _POSITIVE = ("hidden", "particles", "truncation", "horizon", "checkpoint_every", "accumulate", "eval_steps",
-             "eval_seeds", "sigma", "meta_lr", "clip", "imitate_runs", "imitate_horizon", "teacher_lr",
+             "eval_seeds", "sigma", "meta_lr", "clip", "imitate_runs", "imitate_horizon", "imitate_beta", "teacher_lr",
              "teacher_tau", "teacher_snr_power")
 
 
@@ -491,7 +494,8 @@ def _imitation_warm_start(cfg: MetaTrainConfig, rule: O.LearnedRule, task: Task,
         bound, extra_problem = bind_rule(rule, cfg.family, extra, extra.init(gen))
         more.append(ImitationSource(bound, extra_problem, teacher_snapshots(
             extra, extra_problem, teacher, cfg.imitate_runs, cfg.imitate_horizon, gen, progress)))
-    losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, progress=progress, more=more)
+    losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, beta=cfg.imitate_beta, progress=progress,
+                     more=more)
     if write:
         _write_csv(run_dir / "imitation.csv", [{"step": i, "loss": x} for i, x in enumerate(losses)],
                    ("step", "loss"))

@@ -192,7 +192,8 @@ def test_loop_passes_the_teacher_refinements(tmp_path):
 @pytest.mark.parametrize("field, value, message", [
     ("teacher_snr_decay", 0.95, "field 'teacher_snr_decay' must be 0 .off. or one of the rule's momentum decays"),
     ("teacher_softness", -1.0, "field 'teacher_softness' must be 0 .off. or positive"),
-    ("teacher_snr_power", 0.0, "field 'teacher_snr_power' must be positive")])
+    ("teacher_snr_power", 0.0, "field 'teacher_snr_power' must be positive"),
+    ("imitate_beta", 0.0, "field 'imitate_beta' must be positive")])
 def test_bad_teacher_refinements_name_their_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         MetaTrainConfig(run_dir=str(tmp_path), **{field: value})
@@ -219,3 +220,9 @@ def test_imitation_tasks_are_checked(tmp_path):
         MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_tasks=["nope"]))
     with pytest.raises(ValueError, match="field 'imitate_tasks' needs imitate_steps > 0"):
         MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_steps=0, imitate_tasks=["mlp-mnist1d"]))
+
+
+def test_imitation_starts_beta_where_the_config_says(tmp_path):
+    rule = meta_train(MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, meta_steps=0, imitate_beta=3.0)),
+                      progress=False)
+    assert abs(rule.beta.item() - 3.0) < 0.05  # five Adam steps at lr 1e-3 from 3.0 (the default starts at 30)
