@@ -27,7 +27,6 @@ from meta_train.compare import _adam, _inits, _population, _stats, final_loss
 from meta_train.estimators import FlatProblem
 from meta_train.imitate import ScheduledNormalizedMomentum
 from meta_train.tasks import get_task
-from optimizers.features import MOMENTUM_DECAYS
 
 
 def _pairs(values: list[str]) -> list[tuple[float, float]]:
@@ -45,7 +44,7 @@ def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, 
     unit = ScheduledNormalizedMomentum(lr=1.0, tau=1e30, **options)  # its direction at step size 1
     lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
     tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
-    decays = torch.tensor((unit.momentum, *MOMENTUM_DECAYS))[:, None]  # the rule's momenta, which it reads
+    decays = unit.decays()  # the rule's momenta, which the teacher reads
 
     def init(w):
         return torch.zeros(w.shape[0], len(decays), w.shape[1]), 0

@@ -85,6 +85,12 @@ class ScheduledNormalizedMomentum:
         """Row of the rule's momenta (base momentum first, then ``MOMENTUM_DECAYS``) that is the teacher's."""
         return 1 + MOMENTUM_DECAYS.index(self.momentum)
 
+    def decays(self, gamma0: float | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """(7, 1) decays of the rule's momenta as the teacher's runs keep them: ``gamma0`` (default: the teacher's
+        momentum) for the base row, then the feature decays."""
+        base = self.momentum if gamma0 is None else gamma0
+        return torch.tensor((base, *MOMENTUM_DECAYS), device=device).unsqueeze(-1)
+
     def step_size(self, step: torch.Tensor) -> torch.Tensor:
         """Step size of the update taken at ``step`` (0-based, like the rule's step count): the RMS of the plain
         teacher's update (the SNR scaling only shrinks it; the imitation measures its error against this)."""
@@ -147,8 +153,7 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
     teacher's momentum) for the rule's base momentum; :func:`imitate` must hold the rule at the same ``gamma0``.
     Snapshots stay in memory: more than ``max_bytes`` of them is refused up front (a ValueError that says how
     much)."""
-    gamma0 = teacher.momentum if gamma0 is None else gamma0
-    decays = torch.tensor((gamma0, *MOMENTUM_DECAYS), device=task.device).unsqueeze(-1)
+    decays = teacher.decays(gamma0, task.device)
     keep = set(record_steps(horizon))
     size = runs * len(keep) * (2 + N_MOMENTA) * task.num_params * 4  # fp32 w, grad and momenta per snapshot
     if size > max_bytes:
@@ -211,9 +216,7 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
     opt = torch.optim.Adam(trained.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     # the snapshots' momenta are from before the step: the teacher reads them updated
-    decays = torch.tensor((teacher.momentum if gamma0 is None else gamma0, *MOMENTUM_DECAYS),
-                          device=snapshots.w.device).unsqueeze(-1)
-    sources = [ImitationSource(rule, problem, snapshots), *more]
+    decays = teacher.decays(gamma0, snapshots.w.device)
 
     def stepper(source: ImitationSource):
         def new_w(theta, w, g, m, s):
@@ -221,14 +224,14 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
 
         return vmap(new_w, in_dims=(None, 0, 0, 0, 0))
 
-    steppers = [stepper(source) for source in sources]
+    sources = [(source, stepper(source)) for source in (ImitationSource(rule, problem, snapshots), *more)]
     losses = []
     for i in tqdm(range(steps), desc="imitation", disable=not progress, leave=False, mininterval=1.0):
-        source = sources[i % len(sources)]
+        source, step_all = sources[i % len(sources)]
         snaps = source.snapshots
         idx = torch.randint(0, len(snaps), (min(batch, len(snaps)),), generator=generator)
         w, g, m, s = snaps.w[idx], snaps.grad[idx], snaps.momenta[idx], snaps.step[idx]
-        change = steppers[i % len(sources)]({**trained, **fixed}, w, g, m, s) - w
+        change = step_all({**trained, **fixed}, w, g, m, s) - w
         target = teacher.update(decays * m + g.unsqueeze(1), g, s, source.problem.segments)
         loss = ((change - target) / teacher.step_size(s).unsqueeze(-1)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
