@@ -41,14 +41,22 @@ def cnn_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 TASKS = {"mlp": mlp_task, "cnn": cnn_task}
 
 
-def optimizer_factories() -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
-    return {
+def optimizer_factories(cuda: bool = False) -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
+    """The optimizers compared; on a GPU each learned one three ways: replaying a CUDA graph (the default),
+    stepping eagerly (``cuda_graph=False``: what the graph saves) and compiled (``compile=True``, replayed)."""
+    out = {
         "Adam": lambda m, x: torch.optim.Adam(m.parameters(), lr=1e-3),
         "SGD-momentum": lambda m, x: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
-        "PerParamMLP": lambda m, x: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.PerParamMLP())),
-        "DeepSet": lambda m, x: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.DeepSet())),
-        "UNF": lambda m, x: O.UNFOptimizer(m, x),
     }
+    learned = {"PerParamMLP": lambda m, x, **kw: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.PerParamMLP()),
+                                                                     **kw),
+               "DeepSet": lambda m, x, **kw: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.DeepSet()), **kw),
+               "UNF": lambda m, x, **kw: O.UNFOptimizer(m, x, **kw)}
+    variants = {"": {}, "-eager": {"cuda_graph": False}, "-compiled": {"compile": True}} if cuda else {"": {}}
+    for suffix, kw in variants.items():
+        for name, make in learned.items():
+            out[name + suffix] = lambda m, x, make=make, kw=kw: make(m, x, **kw)
+    return out
 
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
@@ -81,6 +89,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds the steps are split into")
+    parser.add_argument("--profile", nargs="*", default=[], metavar="OPTIMIZER",
+                        help="after timing, profile 5 optimizer steps of these (e.g. UNF-eager) and print the ops "
+                             "that take the most time (device time on a GPU)")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -96,7 +107,7 @@ def main() -> None:
         # every optimizer trains its own copy; rounds alternate between them, so that drifts of the machine
         # (frequency, other tenants) fall on all of them alike
         runs = {}
-        for opt_name, make in optimizer_factories().items():
+        for opt_name, make in optimizer_factories(device.type == "cuda").items():
             m = copy.deepcopy(model)
             runs[opt_name] = (m, make(m, x))
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in runs}
@@ -110,9 +121,29 @@ def main() -> None:
         base = statistics.median(times["Adam"][0])
         for opt_name, (full, step) in times.items():
             ratios = [a / b for a, b in zip(per_round[opt_name], per_round["Adam"])]
-            print(f"  {opt_name:13s} step {statistics.median(full) * 1e3:8.2f} ms  "
+            print(f"  {opt_name:20s} step {statistics.median(full) * 1e3:8.2f} ms  "
                   f"({statistics.median(full) / base:5.2f}x Adam [{min(ratios):.2f}-{max(ratios):.2f}])   "
                   f"optimizer.step alone {statistics.median(step) * 1e3:8.2f} ms")
+        for opt_name in args.profile:
+            profile_steps(*runs[opt_name], x, y, opt_name)
+
+
+def profile_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, name: str) -> None:
+    """Where one optimizer's step spends its time: the top ops of 5 profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    loss_fn = nn.CrossEntropyLoss()
+    with profile(activities=activities) as prof:
+        for _ in range(5):
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+            opt.step()
+        if x.is_cuda:
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
+    print(f"\n  profile of {name}, 5 full steps:")
+    print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 #
 # Durations on an H200 (2026-11-27): tests 17 s, step times 20 s; the comparison is launch-bound (tiny models):
 # ~60 population steps/s for a baseline grid (35 runs), ~30/s for a learned optimizer (5 runs), i.e. about
-# 3 min per grid and 5.5 min per learned optimizer at 10,000 steps: set COMPARE_TIMEOUT (seconds) to fit.
+# 3 min per grid and 5.5 min per learned optimizer at 10,000 steps: it runs only with COMPARE=1 (COMPARE_TIMEOUT,
+# seconds, to fit).
 #
 #   OUT=runs/gpu bash benchmarks/gpu_checks.sh          (PYTHON=... to pick the interpreter)
 set -u
@@ -15,8 +16,10 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
-timeout 170 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
-timeout 120 $PY benchmarks/bench_optimizers.py --device cuda --steps 30 --seed 0 2>&1 | tee "$OUT/bench_optimizers.txt"
+timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
+timeout 330 $PY benchmarks/bench_optimizers.py --device cuda --steps 50 --seed 0 --profile UNF UNF-compiled 2>&1 \
+  | tee "$OUT/bench_optimizers.txt"
+[ "${COMPARE:-0}" = 1 ] || exit 0
 timeout "${COMPARE_TIMEOUT:-1800}" $PY -m unf compare --task transformer-shakespeare --steps 2000 10000 --seeds 5 \
   --optimizer optimizers/weights/unf-transformer-shakespeare.safetensors \
   --optimizer optimizers/weights/deepset-mnist1d.safetensors \

@@ -45,7 +45,9 @@ class Segments:
 
     ``sizes`` is set when the vector is a sequence of contiguous runs, each inside one segment (``run_segments``
     names it; by default run ``k`` is segment ``k``, as when each parameter tensor is one segment); the fast path
-    then reduces and broadcasts per run instead of scattering by ``ids``.
+    then reduces and broadcasts per run instead of scattering by ``ids``. ``gather_broadcasts`` keeps the per-run
+    reductions but broadcasts by gathering with ``ids`` (for ``torch.compile``: one fused kernel reads a per-segment
+    table by index, where per-run adds become a chain of range tests per element).
     """
 
     ids: torch.Tensor  # (N,) int64
@@ -53,6 +55,7 @@ class Segments:
     n: int
     sizes: tuple[int, ...] | None = None
     run_segments: tuple[int, ...] | None = None
+    gather_broadcasts: bool = False
     _runs: dict = field(default_factory=dict, compare=False, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -96,7 +99,8 @@ class Segments:
         return cls(ids, sizes_t.to(torch.float32), len(sizes), tuple(int(x) for x in sizes))
 
     def to(self, device: torch.device | str) -> Segments:
-        return Segments(self.ids.to(device), self.counts.to(device), self.n, self.sizes, self.run_segments)
+        return Segments(self.ids.to(device), self.counts.to(device), self.n, self.sizes, self.run_segments,
+                        self.gather_broadcasts)
 
     def runs(self, start: int, stop: int) -> list[tuple[int, int, int]]:
         """``(segment, a, b)`` runs covering ``[start, stop)`` (relative offsets); needs contiguous segments."""
@@ -172,7 +176,7 @@ def _run_columns(table: torch.Tensor, seg: Segments, dim: int) -> list[torch.Ten
 def segment_mul(x: torch.Tensor, table: torch.Tensor, seg: Segments, dim: int = 0) -> torch.Tensor:
     """``x`` times its segment's entry of the per-segment ``table`` (T along ``dim``), e.g. ``x * table[ids]`` for
     dim 0; run by run, without materialising ``table[ids]`` (a product per run, then one cat)."""
-    if seg.split_runs:
+    if seg.split_runs and not seg.gather_broadcasts:
         return torch.cat([part * column for part, column in zip(x.split(seg.sizes, dim),
                                                                  _run_columns(table, seg, dim))], dim)
     return x * table.index_select(dim, seg.ids)
@@ -183,7 +187,7 @@ def segment_add_(x: torch.Tensor, table: torch.Tensor, seg: Segments, dim: int =
 
     Only for a fresh intermediate ``x`` that nothing else reads (e.g. a matmul's output: autograd saves its inputs,
     not its output), so the enclosing function stays pure."""
-    if seg.split_runs:
+    if seg.split_runs and not seg.gather_broadcasts:
         offset = 0
         for column, size in zip(_run_columns(table, seg, dim), seg.sizes):
             x.narrow(dim, offset, size).add_(column)  # narrow, not split: autograd allows in-place on single views

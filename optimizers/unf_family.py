@@ -205,10 +205,13 @@ class UNFOptimizer(LearnedOptimizer):
         lr: multiplier on the learned step size.
         hidden, layers: DeepSet width and depth of a fresh rule.
         spec: use this spec instead of deriving one.
+        cuda_graph, compile: as for :class:`LearnedOptimizer` (replay the step as a CUDA graph on a GPU; compile
+            it with ``torch.compile``).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, rule: LearnedRule | None = None, lr: float = 1.0,
-                 hidden: int = 32, layers: int = 3, spec: WeightSpaceSpec | None = None):
+                 hidden: int = 32, layers: int = 3, spec: WeightSpaceSpec | None = None, cuda_graph: bool = True,
+                 compile: bool = False):
         spec = (spec or derive_spec(model, example_inputs)).parameters_only()
         named = dict(model.named_parameters())
         missing = [n for n in spec.sources if n not in named]
@@ -232,7 +235,8 @@ class UNFOptimizer(LearnedOptimizer):
                               stacklevel=2)
             rule = rule.with_f(f)
         rule.f.bind(params)
-        super().__init__(params, rule, lr=lr, segments_for=rule.f.segments)
+        super().__init__(params, rule, lr=lr, segments_for=rule.f.segments, cuda_graph=cuda_graph,
+                         compile=compile)
         self.spec = spec
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -6,6 +6,8 @@ Skipped without CUDA (CI and the project's machine are CPU-only); run on a GPU m
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,166 @@ def test_compare_on_gpu_matches_cpu():
     for a, b in zip(cpu.rows, gpu.rows):
         assert a["optimizer"] == b["optimizer"] and a["lr"] == b["lr"]
         assert abs(a["mean"] - b["mean"]) <= 1e-3 * max(1.0, abs(a["mean"]))
+
+
+# ---------------------------------------------------------------------- CUDA graphs (optimizers.graphs)
+def graphed_and_eager(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Two copies of the CNN with the same optimizer, one replaying a CUDA graph, one stepping eagerly."""
+    x, y = data(seed)
+    x, y = x.to(CUDA, dtype), y.to(CUDA)
+    pair = []
+    for graph in (True, False):
+        model = cnn(seed).to(CUDA, dtype)
+        pair.append((model, make(family, model, x)))
+        pair[-1][1].cuda_graph = graph
+    return x, y, pair
+
+
+def backward_both(pair, x, y, edit=None, scale: float = 1.0) -> None:
+    """Gradients computed once, on the first model, and given to both: the two optimizers then see the very same
+    gradients (a second backward pass on the GPU need not be bitwise the same)."""
+    (ma, oa), (mb, ob) = pair
+    oa.zero_grad()
+    ob.zero_grad()
+    (nn.functional.cross_entropy(ma(x).float(), y) * scale).backward()
+    if edit is not None:
+        edit(ma)
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        q.grad = None if p.grad is None else p.grad.clone()
+
+
+def assert_same_state(pair) -> None:
+    (ma, oa), (mb, ob) = pair
+    for p, q in zip(ma.parameters(), mb.parameters()):
+        assert torch.equal(p, q)
+        sa, sb = oa.state[p], ob.state[q]
+        assert torch.equal(sa["momenta"], sb["momenta"]) and torch.equal(sa["step"], sb["step"])
+        assert torch.equal(sa["nonfinite_skipped"], sb["nonfinite_skipped"])
+
+
+def graph_of(opt: O.LearnedOptimizer):
+    return opt._flat[0].workspace.get("graph")
+
+
+def train_both(pair, x, y, steps: int) -> None:
+    for _ in range(steps):
+        backward_both(pair, x, y)
+        for _, opt in pair:
+            opt.step()
+
+
+@pytest.mark.parametrize("family", ["mlp", "deepset", "unf"])
+def test_cuda_graph_replays_the_eager_step(family):
+    """Bit-identical to the eager step over 8 steps with an LR schedule, NaN/Inf gradients and a step where one
+    parameter has no gradient (that step runs eagerly; the graph is kept)."""
+    x, y, pair = graphed_and_eager(family)
+    scheds = [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.3) for _, opt in pair]
+
+    def poison(model):
+        model[0].weight.grad[0, 0, 0, 0] = float("nan")
+        model[2].weight.grad[1, 1] = float("inf")
+
+    def drop(model):
+        model[-1].bias.grad = None
+
+    for i in range(8):
+        backward_both(pair, x, y, edit={4: poison, 5: drop}.get(i))
+        for (_, opt), sched in zip(pair, scheds):
+            opt.step()
+            sched.step()
+        assert_same_state(pair)
+    assert isinstance(graph_of(pair[0][1]), O.graphs.GraphedStep) and graph_of(pair[1][1]) is None
+    assert pair[0][1].nonfinite_skipped == pair[1][1].nonfinite_skipped == 1 + 9  # one element, one 3x3 slice
+    assert all(torch.isfinite(p).all() for p in pair[0][0].parameters())
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_cuda_graph_sees_rule_and_state_changes(family):
+    """A rule changed in place is read by the replay; loaded optimizer state and a new rule re-capture."""
+    x, y, pair = graphed_and_eager(family)
+    train_both(pair, x, y, 3)
+    before = graph_of(pair[0][1])
+    assert before is not None
+    randomized(pair[0][1].rule, seed=1)  # in place: the same tensors, new values
+    pair[1][1].rule.load_state_dict(pair[0][1].rule.state_dict())
+    train_both(pair, x, y, 2)
+    assert graph_of(pair[0][1]) is before
+    assert_same_state(pair)
+    # state_dict round trip mid-training: new flat state, so a new graph; continues bit-identically
+    for _, opt in pair:
+        opt.load_state_dict(opt.state_dict())
+    train_both(pair, x, y, 3)
+    loaded = graph_of(pair[0][1])
+    assert loaded not in (None, before)
+    assert_same_state(pair)
+    # a new rule (new tensors): warm up and re-capture, same results
+    for _, opt in pair:
+        opt.rule = randomized(copy.deepcopy(opt.rule), seed=2)
+    train_both(pair, x, y, 3)
+    assert graph_of(pair[0][1]) not in (None, loaded)
+    assert_same_state(pair)
+
+
+def test_cuda_graph_with_bf16_parameters():
+    """bf16 parameters (fp32 state), with an injected inf: the graph replays the eager step."""
+    x, y, pair = graphed_and_eager("unf", torch.bfloat16)
+
+    def poison(model):
+        model[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+    for i in range(5):
+        backward_both(pair, x, y, edit=poison if i == 3 else None)
+        for _, opt in pair:
+            opt.step()
+        assert_same_state(pair)
+    assert graph_of(pair[0][1]) is not None
+    assert all(s["momenta"].dtype == torch.float32 for s in pair[0][1].state.values())
+
+
+def test_cuda_graph_under_grad_scaler():
+    """GradScaler (bf16 autocast, fp32 parameters) skipping a step with an inf: the graph replays the eager step."""
+    x, y, pair = graphed_and_eager("deepset")
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**8) for _ in pair]
+    for scaler in scalers:
+        scaler.scale(torch.ones((), device=CUDA))  # (the scale tensor is made lazily, by the first scale())
+
+    def poison(model):
+        model[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+    for i in range(6):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            backward_both(pair, x, y, edit=poison if i == 3 else None, scale=scalers[0].get_scale())
+        for (_, opt), scaler in zip(pair, scalers):
+            scaler.step(opt)
+            scaler.update()
+        assert_same_state(pair)
+    assert graph_of(pair[0][1]) is not None
+    assert scalers[0].get_scale() == scalers[1].get_scale() < 2.0**8
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_compiled_graph_matches_the_eager_step(family):
+    """``compile=True`` (Triton kernels from torch.compile, replayed as a CUDA graph) steps as the eager path does,
+    to float rounding, through an LR schedule, NaN/Inf gradients and a step with a missing gradient."""
+    x, y, pair = graphed_and_eager(family)
+    pair[0][1].compile = True
+    scheds = [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.3) for _, opt in pair]
+
+    def poison(model):
+        model[0].weight.grad[0, 0, 0, 0] = float("nan")
+
+    def drop(model):
+        model[-1].bias.grad = None
+
+    (mc, oc), (me, oe) = pair
+    for i in range(8):
+        backward_both(pair, x, y, edit={4: poison, 5: drop}.get(i))
+        for (_, opt), sched in zip(pair, scheds):
+            opt.step()
+            sched.step()
+        for p, q in zip(mc.parameters(), me.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(oc.state[p]["momenta"], oe.state[q]["momenta"], rtol=1e-4, atol=1e-5)
+        for p, q in zip(mc.parameters(), me.parameters()):  # the next gradients are the compiled model's
+            q.data.copy_(p.data)
+    assert isinstance(graph_of(oc), O.graphs.GraphedStep) and oc.nonfinite_skipped == oe.nonfinite_skipped == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 
 import pytest
@@ -401,3 +402,64 @@ def test_shipped_weights_load_and_train():
         assert losses[-1] < (0.8 if "mnist1d" in name else 0.95) * losses[0], (name, losses[0], losses[-1])
         info = O.registry.weights_info(name)
         assert info["config"]["family"] in ("mlp", "deepset", "unf") and "task" in info["info"]
+
+
+def compiled_and_eager(make_opt, steps: int = 6):
+    """Train two copies, one optimizer with ``compile=True``; return both models and optimizers."""
+    x, y = batch()
+    runs = []
+    for compile_ in (True, False):
+        model = small_model()
+        opt = make_opt(model, compile_)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        for i in range(steps):
+            opt.zero_grad()
+            loss_fn(model, x, y).backward()
+            if i == 3:
+                model[0].weight.grad[0, 0] = float("nan")
+            if i == 4:
+                model[2].bias.grad = None  # a step with a missing gradient runs eagerly
+            opt.step()
+            sched.step()
+        runs.append((model, opt))
+    return runs
+
+
+def assert_compiled_matches(runs) -> None:
+    (mc, oc), (me, oe) = runs
+    for p, q in zip(mc.parameters(), me.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # generated kernels may sum in another order
+        torch.testing.assert_close(oc.state[p]["momenta"], oe.state[q]["momenta"], rtol=1e-5, atol=1e-6)
+    assert oc.nonfinite_skipped == oe.nonfinite_skipped == 1
+    assert oc._flat[0].workspace["path"][1] == "reference"  # compile=True takes the whole-buffer step
+
+
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@needs_compiler
+def test_compiled_step_equals_the_eager_step():
+    """``compile=True`` (torch.compile of the whole-buffer step; C++ kernels on a CPU) steps as the default path
+    does, through an LR schedule, a NaN gradient and a step with a missing gradient; a changed lr is no recompile."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    runs = compiled_and_eager(lambda m, c: O.LearnedOptimizer(m.parameters(), active_rule("deepset", beta=0.3),
+                                                              compile=c))
+    assert_compiled_matches(runs)
+    fn = runs[0][1]._flat[0].workspace["reference"][0]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1, "lr changes must not recompile"
+    assert callable(fn)
+
+
+@needs_compiler
+def test_compiled_unf_step_equals_the_eager_step():
+    def make(model, compile_):
+        x, _ = batch()
+        opt = O.UNFOptimizer(model, x, hidden=8, layers=2, compile=compile_)
+        for p in opt.rule.f.parameters():
+            nn.init.normal_(p, std=0.3, generator=torch.Generator().manual_seed(p.numel()))
+        opt.rule.beta.data.fill_(0.3)
+        return opt
+
+    assert_compiled_matches(compiled_and_eager(make))
