@@ -60,7 +60,9 @@ class GraphedStep:
         self.grad_views = [v.view(s) for v, s in zip(self.grad.split(numels), shapes)]
         self.param_views = [v.view(s) for v, s in zip(self.param.split(numels), shapes)]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # on the state's device; "thread_local": CUDA calls of the user's other threads (a data loader pinning
+        # memory, say) do not break the capture
+        with torch.cuda.device(device), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             new_param, new_momenta, new_step, skipped = update(self.param, self.grad, lr)
             momenta.copy_(new_momenta)
             step.copy_(new_step)
