@@ -3,7 +3,8 @@
 # results): the CUDA tests, full training-step times of the optimizers on the GPU (Adam measured in the same run),
 # and the language-model comparison with the populations on the GPU.
 #
-# Durations on an H200 (2026-11-27): tests 41 s, step times ~80 s (six compilations); the comparison is launch-bound (tiny models):
+# Durations on an H200 (2026-11-27): tests 41 s, step times ~80 s (six compilations); the comparison is
+# launch-bound (tiny models):
 # ~60 population steps/s for a baseline grid (35 runs), ~30/s for a learned optimizer (5 runs), i.e. about
 # 3 min per grid and 5.5 min per learned optimizer at 10,000 steps: it runs only with COMPARE=1 (COMPARE_TIMEOUT,
 # seconds, to fit).

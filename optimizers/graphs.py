@@ -21,9 +21,11 @@ Rules for when a graph is used (:meth:`GraphedStep.usable`), otherwise the eager
 - the group's flat state is the one captured (``load_state_dict`` makes new state and a new graph).
 
 Memory: the graph keeps its own pool with the step's intermediates (the eager step frees them after each step):
-for the UNF optimizer about 10 buffers of ``hidden x N`` floats. Pass ``cuda_graph=False`` to the optimizer for
-very large models. If a rule cannot be captured (an op that needs the host mid-step), the optimizer warns once and
-steps eagerly.
+for the UNF optimizer several ``hidden x N`` float buffers (estimated, not measured: ~10, i.e. ~1.2 GB for a
+1M-parameter model). So by default
+(``cuda_graph=None``) only groups of up to :data:`AUTO_MAX_ELEMENTS` elements are graphed; ``cuda_graph=True``
+graphs any size, ``False`` none. If a rule cannot be captured (an op that needs the host mid-step), the optimizer
+warns once and steps eagerly.
 """
 
 from __future__ import annotations
@@ -36,7 +38,17 @@ import torch
 from .compiled import StepFn
 from .rule import LearnedRule
 
-__all__ = ["GraphedStep", "rule_key"]
+__all__ = ["GraphedStep", "rule_key", "wants_graph", "AUTO_MAX_ELEMENTS"]
+
+#: the largest group (in elements) graphed by default (4.2M): its UNF step would keep an estimated ~5 GB of
+#: intermediates in the graph's pool; beyond it memory is the scarcer resource, and the kernels' own time outgrows
+#: the ~250 launches a graph saves
+AUTO_MAX_ELEMENTS = 1 << 22
+
+
+def wants_graph(setting: bool | None, n: int) -> bool:
+    """Whether a group of ``n`` elements steps by graph replay, for the optimizer's ``cuda_graph`` ``setting``."""
+    return n <= AUTO_MAX_ELEMENTS if setting is None else bool(setting)
 
 
 def rule_key(rule: LearnedRule) -> tuple:

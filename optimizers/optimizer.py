@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 from .compiled import StepFn, reference_step
 from .fast import fast_update, supports_fast_path
 from .features import Segments
-from .graphs import GraphedStep, rule_key
+from .graphs import GraphedStep, rule_key, wants_graph
 from .rule import N_MOMENTA, LearnedRule, RuleState
 from .small import small_update, supports_small_path
 
@@ -86,12 +86,15 @@ class LearnedOptimizer(Optimizer):
             segment (the unit DeepSet layers pool over).
         cuda_graph: on a GPU, record the step once as a CUDA graph and replay it (the same results, without the
             launch cost of ~100-250 small kernels; see :mod:`optimizers.graphs` for when it applies and its memory).
+            ``None`` (default): for groups of up to :data:`optimizers.graphs.AUTO_MAX_ELEMENTS` (4.2M) elements;
+            a graph keeps the step's intermediates allocated between steps (an estimated ~1.2 GB per million
+            parameters for the UNF rule), which for larger models costs more than the launches it saves.
         compile: run the whole-buffer step through ``torch.compile`` (fused kernels: the fastest choice on a GPU,
             after a one-time compilation; see :mod:`optimizers.compiled`).
     """
 
     def __init__(self, params: Iterable[Any], rule: LearnedRule, lr: float = 1.0,
-                 segments_for: Callable[[list[torch.Tensor]], Segments] | None = None, cuda_graph: bool = True,
+                 segments_for: Callable[[list[torch.Tensor]], Segments] | None = None, cuda_graph: bool | None = None,
                  compile: bool = False):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
@@ -100,7 +103,7 @@ class LearnedOptimizer(Optimizer):
         super().__init__(params, dict(lr=lr))
         self.rule = rule
         self._segments_for = segments_for
-        self.cuda_graph = bool(cuda_graph)
+        self.cuda_graph = cuda_graph
         self.compile = bool(compile)
         self._flat: dict[int, _Flat] = {}
         for group in self.param_groups:
@@ -169,7 +172,7 @@ class LearnedOptimizer(Optimizer):
                 elif p.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
             reference = self._reference_fn(flat) if path[1] == "reference" and not missing else None
-            if reference is not None and self.cuda_graph and flat.momenta.is_cuda:
+            if reference is not None and flat.momenta.is_cuda and wants_graph(self.cuda_graph, flat.momenta.shape[1]):
                 if self._graphed_step(flat, params, group["lr"], *reference):
                     continue
             # (no-op casts and detaches cost a dispatch each: skipped; the step runs under no_grad)

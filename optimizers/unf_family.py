@@ -210,7 +210,8 @@ class UNFOptimizer(LearnedOptimizer):
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, rule: LearnedRule | None = None, lr: float = 1.0,
-                 hidden: int = 32, layers: int = 3, spec: WeightSpaceSpec | None = None, cuda_graph: bool = True,
+                 hidden: int = 32, layers: int = 3, spec: WeightSpaceSpec | None = None,
+                 cuda_graph: bool | None = None,
                  compile: bool = False):
         spec = (spec or derive_spec(model, example_inputs)).parameters_only()
         named = dict(model.named_parameters())
