@@ -36,6 +36,14 @@ def _flat32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def counts_by_running_sum(mask: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Number of True elements of ``mask`` (N,) in each of the consecutive runs ending at ``ends`` (cumulative
+    sizes; empty runs allowed): a running sum differenced at the run ends (no atomics)."""
+    running = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.cumsum(0)])
+    at_ends = running[ends]
+    return torch.diff(at_ends, prepend=running[:1])
+
+
 class _Flat:
     """One param group's flat state: params, their segments, momenta (7, N), step, skipped counts per tensor."""
 
@@ -68,9 +76,7 @@ class _Flat:
         On a GPU as differences of a running sum at the tensors' ends: an ``index_add`` onto a few counters from a
         million elements serialises on atomics (0.7 ms for a 1M-parameter CNN on an H200)."""
         if skipped.is_cuda:
-            running = torch.cat([skipped.new_zeros(1, dtype=torch.int64), skipped.cumsum(0)])
-            at_ends = running[self.tensor_ends]
-            self.skipped.add_(torch.diff(at_ends, prepend=running[:1]))
+            self.skipped.add_(counts_by_running_sum(skipped, self.tensor_ends))
         else:
             self.skipped.index_add_(0, self.tensor_ids, skipped.to(torch.int64))
 

@@ -463,3 +463,17 @@ def test_compiled_unf_step_equals_the_eager_step():
         return opt
 
     assert_compiled_matches(compiled_and_eager(make))
+
+
+def test_skip_counts_by_running_sum_match_index_add():
+    """The GPU's atomics-free per-tensor count of skipped elements equals the CPU's ``index_add``, empty tensors
+    included."""
+    from optimizers.optimizer import counts_by_running_sum
+
+    gen = torch.Generator().manual_seed(0)
+    for sizes in ([3, 0, 5, 2], [0, 0, 7], [1], [4, 0]):
+        mask = torch.rand(sum(sizes), generator=gen) > 0.5
+        ids = Segments.from_sizes(sizes).ids
+        expected = torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, ids, mask.to(torch.int64))
+        ends = torch.tensor(sizes).cumsum(0)
+        assert torch.equal(counts_by_running_sum(mask, ends), expected)
