@@ -7,14 +7,17 @@ it is the fastest path (with :mod:`optimizers.graphs` replaying it); on a CPU th
 kernels (:mod:`optimizers.small`, :mod:`optimizers.fast`) are faster, so ``compile=True`` there is for rules
 they do not cover.
 
-Compiling takes time once per optimizer group (seconds for an MLP, ~40 s for the UNF rule of a 1M-parameter
-CNN); the results equal the eager step's to float rounding (generated kernels may order sums differently).
+Compiling takes time once per optimizer group (seconds for an MLP, ~40 s on a CPU for the UNF rule of a
+1M-parameter CNN); the results equal the eager step's to float rounding (generated kernels may order sums
+differently). If compilation fails (no C++ compiler or Triton, an unsupported op), the optimizer warns and steps
+without compiling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import types
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -50,4 +53,21 @@ def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor,
     # state, so each gets a copy of the code and its own cache (not one shared cache that runs out)
     code = update.__code__.replace()
     fresh = types.FunctionType(code, update.__globals__, update.__name__, update.__defaults__, update.__closure__)
-    return torch.compile(fresh, dynamic=False)
+    compiled = torch.compile(fresh, dynamic=False)
+    chosen: list[StepFn] = []
+
+    def step_fn(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if chosen:
+            return chosen[0](param, grad, lr)
+        try:  # the first call compiles; the update is pure, so a failed compilation changed nothing
+            out = compiled(param, grad, lr)
+        except Exception as err:  # no compiler, an unsupported op, ...: the eager step, never a failed step
+            warnings.warn(f"torch.compile of the learned optimizer's step failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}); stepping without compiling",
+                          RuntimeWarning, stacklevel=4)
+            chosen.append(update)
+            return update(param, grad, lr)
+        chosen.append(compiled)
+        return out
+
+    return step_fn

@@ -477,3 +477,26 @@ def test_skip_counts_by_running_sum_match_index_add():
         expected = torch.zeros(len(sizes), dtype=torch.int64).index_add_(0, ids, mask.to(torch.int64))
         ends = torch.tensor(sizes).cumsum(0)
         assert torch.equal(counts_by_running_sum(mask, ends), expected)
+
+
+def test_failed_compilation_falls_back_to_the_eager_step(monkeypatch):
+    """If torch.compile cannot compile the step, ``compile=True`` warns and steps as without it."""
+
+    def broken(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    x, y = batch()
+    models = [small_model(), small_model()]
+    opts = [O.LearnedOptimizer(m.parameters(), active_rule("deepset", beta=0.3), compile=c)
+            for m, c in zip(models, (True, False))]
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        for _ in range(3):
+            for m, opt in zip(models, opts):
+                opt.zero_grad()
+                loss_fn(m, x, y).backward()
+                opt.step()
+    for p, q in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
