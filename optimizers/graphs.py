@@ -22,9 +22,8 @@ Rules for when a graph is used (:meth:`GraphedStep.usable`), otherwise the eager
 
 Memory: the graph keeps its own pool with the step's intermediates (the eager step frees them after each step):
 for the UNF optimizer several ``hidden x N`` float buffers (estimated, not measured: ~10, i.e. ~1.2 GB for a
-1M-parameter model). So by default
-(``cuda_graph=None``) only groups of up to :data:`AUTO_MAX_ELEMENTS` elements are graphed; ``cuda_graph=True``
-graphs any size, ``False`` none. If a rule cannot be captured (an op that needs the host mid-step), the optimizer
+1M-parameter model). So by default (``cuda_graph=None``) only groups of up to :data:`AUTO_MAX_ELEMENTS` elements
+are graphed; ``cuda_graph=True`` graphs any size, ``False`` none. If a rule cannot be captured (an op that needs the host mid-step), the optimizer
 warns once and steps eagerly.
 """
 
