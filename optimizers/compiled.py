@@ -1,7 +1,7 @@
 """The whole-buffer rule step compiled with ``torch.compile`` (``LearnedOptimizer(..., compile=True)``).
 
 The eager step (:meth:`LearnedRule.update`) writes every intermediate to memory: for a 1M-parameter model each
-(32, N) activation is 128 MB, and the DeepSet and UNF layers run ~100-250 such kernels. Inductor fuses the
+(32, N) activation is 128 MB, and the DeepSet and UNF layers run hundreds of kernels. Inductor fuses the
 element-wise work and the reductions into a few dozen generated kernels (Triton on a GPU, C++ on a CPU). On a GPU
 it is the fastest path (with :mod:`optimizers.graphs` replaying it); on a CPU the built-in small and chunked
 kernels (:mod:`optimizers.small`, :mod:`optimizers.fast`) are faster, so ``compile=True`` there is for rules

@@ -1,8 +1,8 @@
 """The whole-buffer rule step on a GPU, recorded once as a CUDA graph and replayed on every later step.
 
 On a GPU a learned optimizer's step is bound by kernel launches, not arithmetic: :meth:`LearnedRule.update` is
-~100 (DeepSet) to ~250 (UNF) small kernels, each launched from Python, so the step costs milliseconds even for a
-2,410-parameter MLP. A CUDA graph records that sequence once and replays it with one launch. The step then is:
+hundreds of small kernels, each launched from Python, so the step costs milliseconds even for a 2,410-parameter
+MLP. A CUDA graph records that sequence once and replays it with one launch. The step then is:
 
 1. copy the gradients and parameters into two static flat buffers (two multi-tensor ``torch._foreach_copy_``);
 2. replay the graph: the rule's update (eager or compiled, :mod:`optimizers.compiled`), reading those buffers,
@@ -23,8 +23,8 @@ Rules for when a graph is used (:meth:`GraphedStep.usable`), otherwise the eager
 Memory: the graph keeps its own pool with the step's intermediates (the eager step frees them after each step):
 for the UNF optimizer several ``hidden x N`` float buffers (estimated, not measured: ~10, i.e. ~1.2 GB for a
 1M-parameter model). So by default (``cuda_graph=None``) only groups of up to :data:`AUTO_MAX_ELEMENTS` elements
-are graphed; ``cuda_graph=True`` graphs any size, ``False`` none. If a rule cannot be captured (an op that needs the host mid-step), the optimizer
-warns once and steps eagerly.
+are graphed; ``cuda_graph=True`` graphs any size, ``False`` none. If a rule cannot be captured (an op that needs
+the host mid-step), the optimizer warns once and steps eagerly.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ __all__ = ["GraphedStep", "rule_key", "wants_graph", "AUTO_MAX_ELEMENTS"]
 
 #: the largest group (in elements) graphed by default (4.2M): its UNF step would keep an estimated ~5 GB of
 #: intermediates in the graph's pool; beyond it memory is the scarcer resource, and the kernels' own time outgrows
-#: the ~250 launches a graph saves
+#: the launches a graph saves
 AUTO_MAX_ELEMENTS = 1 << 22
 
 

@@ -91,7 +91,7 @@ class LearnedOptimizer(Optimizer):
         segments_for: optional ``params -> list of segment sizes`` hook; by default each parameter tensor is one
             segment (the unit DeepSet layers pool over).
         cuda_graph: on a GPU, record the step once as a CUDA graph and replay it (the same results, without the
-            launch cost of ~100-250 small kernels; see :mod:`optimizers.graphs` for when it applies and its memory).
+            launch cost of hundreds of small kernels; see :mod:`optimizers.graphs` for when it applies and its memory).
             ``None`` (default): for groups of up to :data:`optimizers.graphs.AUTO_MAX_ELEMENTS` (4.2M) elements;
             a graph keeps the step's intermediates allocated between steps (an estimated ~1.2 GB per million
             parameters for the UNF rule), which for larger models costs more than the launches it saves.
