@@ -1,6 +1,6 @@
 """Select an imitation teacher's settings on meta-training tasks only (never on the held-out tasks).
 
-    python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--out results.txt]
+    python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--tasks TASK ...] [--candidates ...]
 
 The selection tasks are the meta-training task ``mlp-mnist1d`` and three members of the ``mlp-mnist1d-relu`` family
 (ReLU MLPs of width <= 64 on mnist1d, which the held-out tasks - width 128, tanh, depth 3, digits, the LM - are
@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[2000, 10000])
     parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), metavar="LR:TAU:SNR:POWER:SOFT")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tasks", nargs="+", default=list(SELECTION_TASKS),
+                        help="registered training tasks to select on (default: the four selection tasks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
@@ -80,7 +82,7 @@ def main() -> None:
           f"{args.threads} thread(s)\n")
     table: dict[str, list[float]] = {c: [] for c in args.candidates}
     names = []
-    for task in map(get_task, SELECTION_TASKS):
+    for task in map(get_task, args.tasks):
         names.append(task.name)
         for spec, r in ratios(task, args.candidates, seeds, args.steps).items():
             table[spec] += r

@@ -632,6 +632,9 @@ for _name, _factory, _defaults in [
     ("mlp-mnist1d-w64-b64", mlp_task, {"dataset": "mnist1d", "hidden": (64,), "batch_size": 64}),
     ("mlp-mnist1d-16x16-b256", mlp_task, {"dataset": "mnist1d", "hidden": (16, 16), "batch_size": 256}),
     ("mlp-mnist1d-32x64-b128", mlp_task, {"dataset": "mnist1d", "hidden": (32, 64), "batch_size": 128}),
+    # smooth activations other than the held-out tanh (a diagnostic of teacher selection, BENCHMARKS.md)
+    ("mlp-mnist1d-gelu", mlp_task, {"dataset": "mnist1d", "activation": "gelu"}),
+    ("mlp-mnist1d-silu", mlp_task, {"dataset": "mnist1d", "activation": "silu"}),
     ("mlp-digits-w128", mlp_task, {"dataset": "digits", "hidden": (128,)}),
     ("mlp-digits-tanh", mlp_task, {"dataset": "digits", "activation": "tanh"}),
     ("mlp-digits-deep", mlp_task, {"dataset": "digits", "hidden": (32, 32, 32)}),
