@@ -45,6 +45,11 @@ __all__ = ["ScheduledNormalizedMomentum", "Snapshots", "ImitationSource", "recor
            "imitate"]
 
 
+def _row(decay: float) -> int:
+    """Row of the rule's momenta (base momentum first, then ``MOMENTUM_DECAYS``) kept at feature decay ``decay``."""
+    return 1 + MOMENTUM_DECAYS.index(decay)
+
+
 @dataclass(frozen=True)
 class ScheduledNormalizedMomentum:
     """The teacher (module docstring): per-segment normalised momentum with step size ``lr / (1 + t / tau)``.
@@ -83,7 +88,7 @@ class ScheduledNormalizedMomentum:
     @property
     def momentum_row(self) -> int:
         """Row of the rule's momenta (base momentum first, then ``MOMENTUM_DECAYS``) that is the teacher's."""
-        return 1 + MOMENTUM_DECAYS.index(self.momentum)
+        return _row(self.momentum)
 
     def decays(self, gamma0: float | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """(7, 1) decays of the rule's momenta as the teacher's runs keep them: ``gamma0`` (default: the teacher's
@@ -108,7 +113,7 @@ class ScheduledNormalizedMomentum:
         change = direction * -self.step_size(step).unsqueeze(-1)
         if self.snr_decay is None:
             return change
-        slow = momenta[..., 1 + MOMENTUM_DECAYS.index(self.snr_decay), :]
+        slow = momenta[..., _row(self.snr_decay), :]
         dot = segment_sum(grad * slow, segments, dim=-1)
         norms = segment_sum(grad * grad, segments, dim=-1) * segment_sum(slow * slow, segments, dim=-1)
         cosine = (dot * (norms + _EPS).rsqrt()).clamp_min(0)

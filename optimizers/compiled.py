@@ -31,6 +31,12 @@ __all__ = ["reference_step", "StepFn"]
 StepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 
+def summary(err: BaseException) -> str:
+    """``Type: first line of the message``, for a warning about a fallback."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor, segments: Segments,
                    compile: bool = False) -> StepFn:
     """:meth:`LearnedRule.update` on a group's state, every gradient present, ``lr`` a 0-d tensor; compiled with
@@ -62,9 +68,8 @@ def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor,
         try:  # the first call compiles; the update is pure, so a failed compilation changed nothing
             out = compiled(param, grad, lr)
         except Exception as err:  # no compiler, an unsupported op, ...: the eager step, never a failed step
-            warnings.warn(f"torch.compile of the learned optimizer's step failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); stepping without compiling",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(f"torch.compile of the learned optimizer's step failed ({summary(err)}); stepping "
+                          "without compiling", RuntimeWarning, stacklevel=4)
             chosen.append(update)
             return update(param, grad, lr)
         chosen.append(compiled)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import torch
 
-from .compiled import StepFn
+from .compiled import StepFn, summary
 from .rule import LearnedRule
 
 __all__ = ["GraphedStep", "rule_key", "wants_graph", "AUTO_MAX_ELEMENTS"]
@@ -89,9 +89,8 @@ class GraphedStep:
         try:
             return cls(update, key, momenta, step, lr, count_skips, shapes)
         except Exception as err:  # any op the graph cannot hold: fall back, never fail the user's step
-            warnings.warn(f"the learned optimizer's step could not be captured as a CUDA graph ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0] if str(err) else ''}); stepping eagerly. Pass cuda_graph=False "
-                          "to skip the attempt.", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"the learned optimizer's step could not be captured as a CUDA graph ({summary(err)}); "
+                          "stepping eagerly. Pass cuda_graph=False to skip the attempt.", RuntimeWarning, stacklevel=3)
             return None
 
     def usable(self, key: tuple, momenta: torch.Tensor, step: torch.Tensor) -> bool:

@@ -177,6 +177,23 @@ def assert_same_state(pair) -> None:
         assert torch.equal(sa["nonfinite_skipped"], sb["nonfinite_skipped"])
 
 
+def poison_nan_and_inf(model: nn.Module) -> None:
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+    model[2].weight.grad[1, 1] = float("inf")  # a 3x3 slice: 9 elements
+
+
+def poison_nan(model: nn.Module) -> None:
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")
+
+
+def poison_inf(model: nn.Module) -> None:
+    model[0].weight.grad[0, 0, 0, 0] = float("inf")
+
+
+def drop_bias_grad(model: nn.Module) -> None:
+    model[-1].bias.grad = None
+
+
 def graph_of(opt: O.LearnedOptimizer):
     return opt._flat[0].workspace.get("graph")
 
@@ -195,15 +212,8 @@ def test_cuda_graph_replays_the_eager_step(family):
     x, y, pair = graphed_and_eager(family)
     scheds = [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.3) for _, opt in pair]
 
-    def poison(model):
-        model[0].weight.grad[0, 0, 0, 0] = float("nan")
-        model[2].weight.grad[1, 1] = float("inf")
-
-    def drop(model):
-        model[-1].bias.grad = None
-
     for i in range(8):
-        backward_both(pair, x, y, edit={4: poison, 5: drop}.get(i))
+        backward_both(pair, x, y, edit={4: poison_nan_and_inf, 5: drop_bias_grad}.get(i))
         for (_, opt), sched in zip(pair, scheds):
             opt.step()
             sched.step()
@@ -244,11 +254,8 @@ def test_cuda_graph_with_bf16_parameters():
     """bf16 parameters (fp32 state), with an injected inf: the graph replays the eager step."""
     x, y, pair = graphed_and_eager("unf", torch.bfloat16)
 
-    def poison(model):
-        model[0].weight.grad[0, 0, 0, 0] = float("inf")
-
     for i in range(5):
-        backward_both(pair, x, y, edit=poison if i == 3 else None)
+        backward_both(pair, x, y, edit=poison_inf if i == 3 else None)
         for _, opt in pair:
             opt.step()
         assert_same_state(pair)
@@ -263,12 +270,9 @@ def test_cuda_graph_under_grad_scaler():
     for scaler in scalers:
         scaler.scale(torch.ones((), device=CUDA))  # (the scale tensor is made lazily, by the first scale())
 
-    def poison(model):
-        model[0].weight.grad[0, 0, 0, 0] = float("inf")
-
     for i in range(6):
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            backward_both(pair, x, y, edit=poison if i == 3 else None, scale=scalers[0].get_scale())
+            backward_both(pair, x, y, edit=poison_inf if i == 3 else None, scale=scalers[0].get_scale())
         for (_, opt), scaler in zip(pair, scalers):
             scaler.step(opt)
             scaler.update()
@@ -285,15 +289,9 @@ def test_compiled_graph_matches_the_eager_step(family):
     pair[0][1].compile = True
     scheds = [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.3) for _, opt in pair]
 
-    def poison(model):
-        model[0].weight.grad[0, 0, 0, 0] = float("nan")
-
-    def drop(model):
-        model[-1].bias.grad = None
-
     (mc, oc), (me, oe) = pair
     for i in range(8):
-        backward_both(pair, x, y, edit={4: poison, 5: drop}.get(i))
+        backward_both(pair, x, y, edit={4: poison_nan, 5: drop_bias_grad}.get(i))
         for (_, opt), sched in zip(pair, scheds):
             opt.step()
             sched.step()
