@@ -2,6 +2,7 @@
 
     python benchmarks/bench_schedules.py [--task mlp-mnist1d] [--steps 2000 10000] [--seeds 5]
         [--adam LR:TAU ...] [--teacher LR:TAU ...] [--snr-decay 0.99] [--snr-power 1] [--softness 0.1]
+        [--scale-floor 0.05]
 
 Runs, with ``unf compare``'s protocol (same initialisations and batches per seed, final loss = mean minibatch loss
 over the last 50 steps, mean +- standard error over seeds), two schedules that the compare table's constant-rate
@@ -10,7 +11,8 @@ baselines do not have:
 - Adam (betas 0.9, 0.999) with an inverse-time decay ``lr / (1 + t / tau)``;
 - the imitation teacher :class:`meta_train.imitate.ScheduledNormalizedMomentum` (momentum normalised per tensor,
   step size ``lr / (1 + t / tau)``), which the shipped imitation rules were fitted to; ``--snr-decay`` /
-  ``--snr-power`` / ``--softness`` turn on its self-annealing and soft-sign refinements (for every teacher row).
+  ``--snr-power`` / ``--softness`` / ``--scale-floor`` turn on its self-annealing, soft-sign and relative-step
+  refinements (for every teacher row).
 
 Each ``LR:TAU`` pair is one run per seed; all runs of one kind step together as one population. Prints a
 markdown table.
@@ -53,7 +55,8 @@ def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, 
         momenta, t = state
         momenta = decays * momenta + g[:, None]
         # the teacher's step size at step t (0-based): lr / (1 + (t + 1) / tau)
-        change = unit.update(momenta, g, torch.zeros(g.shape[0]), problem.segments) * (lr / (1 + (t + 1) / tau))
+        change = unit.update(momenta, g, torch.zeros(g.shape[0]), problem.segments, param=w)
+        change = change * (lr / (1 + (t + 1) / tau))
         return w + change, (momenta, t + 1)
 
     return init, update
@@ -70,6 +73,8 @@ def main() -> None:
     parser.add_argument("--snr-decay", type=float, default=None, help="the teacher's snr_decay (default: off)")
     parser.add_argument("--snr-power", type=float, default=1.0)
     parser.add_argument("--softness", type=float, default=None, help="the teacher's softness (default: off)")
+    parser.add_argument("--scale-floor", type=float, default=None,
+                        help="the teacher's scale_floor: relative steps (default: off)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -79,7 +84,8 @@ def main() -> None:
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
     rows = []
-    options = dict(snr_decay=args.snr_decay, snr_power=args.snr_power, softness=args.softness)
+    options = dict(snr_decay=args.snr_decay, snr_power=args.snr_power, softness=args.softness,
+                   scale_floor=args.scale_floor)
     name = "normalised momentum" + "".join(f", {k} {v:g}" for k, v in options.items()
                                            if v is not None and (k != "snr_power" or args.snr_decay))
     for kind, pairs in (("Adam, lr / (1 + t / tau)", _pairs(args.adam)),

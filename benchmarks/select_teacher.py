@@ -1,15 +1,16 @@
 """Select an imitation teacher's settings on meta-training tasks only (never on the held-out tasks).
 
-    python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--tasks TASK ...] [--candidates ...]
+    python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--tasks TASK ...]
+        [--candidates ... | --relative]
 
 The selection tasks are the meta-training task ``mlp-mnist1d`` and three members of the ``mlp-mnist1d-relu`` family
 (ReLU MLPs of width <= 64 on mnist1d, which the held-out tasks - width 128, tanh, depth 3, digits, the LM - are
 not): width 64 / batch 64, 16-16 / batch 256, 32-64 / batch 128. On each, Adam is tuned over ``unf compare``'s
-7-point grid per horizon, and every candidate teacher
-(:class:`meta_train.imitate.ScheduledNormalizedMomentum` settings ``lr:tau:snr_decay:snr_power:softness``, 0 for
-off) runs with the same protocol (same initialisations and batches per seed; final loss = mean minibatch loss over
-the last 50 steps, averaged over seeds). A candidate's score is the geometric mean, over tasks and horizons, of
-its loss over tuned Adam's; the lowest score wins. Prints every ratio, the scores, and the winner.
+7-point grid per horizon, and every candidate teacher (:class:`meta_train.imitate.ScheduledNormalizedMomentum`
+settings ``lr:tau:snr_decay:snr_power:softness``, optionally ``:scale_floor`` for relative steps; 0 for off) runs
+with the same protocol (same initialisations and batches per seed; final loss = mean minibatch loss over the last 50
+steps, averaged over seeds). A candidate's score is the geometric mean, over tasks and horizons, of its loss over
+tuned Adam's; the lowest score wins. Prints every ratio, the scores, and the winner.
 """
 
 from __future__ import annotations
@@ -38,14 +39,23 @@ CANDIDATES = (
     "0.1:1000:0.999:1:0", "0.05:300:0.99:1:0", "0.02:1000:0.99:1:0", "0.02:3000:0.99:1:0",
 )
 
+#: relative-step candidates (``scale_floor``), with the absolute teacher of ``unf-mnist1d-snr`` for reference: the
+#: grid run for the shipped ``unf-mnist1d-rel`` weights (``--relative``)
+RELATIVE_CANDIDATES = ("0.03:1000:0.99:1:0", *(f"{lr}:{tau}:0.99:1:{soft}:{floor}" for soft in (0, 0.1)
+                                              for floor in (0.02, 0.05) for lr in (0.05, 0.1, 0.15)
+                                              for tau in (1000, 3000)))
 
 #: the meta-training task and three members of the mlp-mnist1d-relu family (registered in meta_train.tasks)
 SELECTION_TASKS = ("mlp-mnist1d", "mlp-mnist1d-w64-b64", "mlp-mnist1d-16x16-b256", "mlp-mnist1d-32x64-b128")
 
 
 def _options(spec: str) -> tuple[tuple[float, float], dict]:
-    lr, tau, snr, power, soft = (float(x) for x in spec.split(":"))
-    return (lr, tau), dict(snr_decay=snr or None, snr_power=power, softness=soft or None)
+    """``lr:tau:snr_decay:snr_power:softness[:scale_floor]`` (0 for off) -> ((lr, tau), the other fields)."""
+    lr, tau, snr, power, soft, *floor = (float(x) for x in spec.split(":"))
+    options = dict(snr_decay=snr or None, snr_power=power, softness=soft or None)
+    if floor and floor[0]:
+        options["scale_floor"] = floor[0]
+    return (lr, tau), options
 
 
 def ratios(task, candidates: list[str], seeds: list[int], steps: list[int]) -> dict[str, list[float]]:
@@ -71,11 +81,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, nargs="+", default=[2000, 10000])
-    parser.add_argument("--candidates", nargs="*", default=list(CANDIDATES), metavar="LR:TAU:SNR:POWER:SOFT")
+    parser.add_argument("--candidates", nargs="*", default=None, metavar="LR:TAU:SNR:POWER:SOFT[:FLOOR]",
+                        help="default: CANDIDATES (or RELATIVE_CANDIDATES with --relative)")
+    parser.add_argument("--relative", action="store_true", help="the relative-step grid (RELATIVE_CANDIDATES)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tasks", nargs="+", default=list(SELECTION_TASKS),
                         help="registered training tasks to select on (default: the four selection tasks)")
     args = parser.parse_args()
+    if args.candidates is None:
+        args.candidates = list(RELATIVE_CANDIDATES if args.relative else CANDIDATES)
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
     print(f"seeds 0-{args.seeds - 1}, horizons {args.steps}, {platform.machine()}, torch {torch.__version__}, "
@@ -88,7 +102,7 @@ def main() -> None:
             table[spec] += r
         print(f"done: {task.name}", flush=True)
     cols = [f"{n} T={t}" for n in names for t in args.steps]
-    print("\n| teacher lr:tau:snr_decay:snr_power:softness | " + " | ".join(cols) + " | score |")
+    print("\n| teacher lr:tau:snr_decay:snr_power:softness[:scale_floor] | " + " | ".join(cols) + " | score |")
     print("|---|" + "---|" * (len(cols) + 1))
     scores = {c: math.exp(sum(math.log(x) for x in r) / len(r)) for c, r in table.items()}
     for spec in sorted(scores, key=scores.get):

@@ -53,11 +53,13 @@ def warm_start(rule: O.LearnedRule, path: str | os.PathLike) -> None:
 
 @torch.no_grad()
 def copy_rule(rule: O.LearnedRule, src: O.LearnedRule, source: str = "the source rule") -> None:
-    """Copy ``src``'s weights into ``rule``: the scalars always; ``f`` when the families match (a UNF rule of
-    another spec is transferred by role), or a DeepSet rule into a UNF rule's DeepSet layers and read-out (the UNF
-    read-out stays zero, so the warm-started rule starts out computing exactly the DeepSet rule's updates)."""
+    """Copy ``src``'s weights into ``rule``: the scalars and ``scale_floor`` always; ``f`` when the families match
+    (a UNF rule of another spec is transferred by role), or a DeepSet rule into a UNF rule's DeepSet layers and
+    read-out (the UNF read-out stays zero, so the warm-started rule starts out computing exactly the DeepSet rule's
+    updates)."""
     for name in ("raw_alpha", "beta", "raw_gamma0"):
         getattr(rule, name).copy_(getattr(src, name))
+    rule.scale_floor = src.scale_floor  # (relative steps are part of what the weights mean)
     if isinstance(rule.f, O.UNFFamily) and isinstance(src.f, O.UNFFamily):
         # same spec and key table (or both untied): the same parameters; else transfer by role
         if src.f.spec == rule.f.spec and _key_table(src.f) == _key_table(rule.f):
@@ -117,6 +119,7 @@ def bind_rule(master: O.LearnedRule, family: str, task: Task,
     if family != "unf":
         return master, problem
     rule.bound = master.bound
+    rule.scale_floor = master.scale_floor
     return rule.to(master.raw_alpha.device), problem
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import optimizers as O
 from optimizers.features import _EPS, MOMENTUM_DECAYS, Segments, segment_mean_square, segment_mul, segment_sum
-from optimizers.rule import N_MOMENTA, RuleState
+from optimizers.rule import N_MOMENTA, RuleState, param_scale
 
 from .estimators import FlatProblem
 from .tasks import Task
@@ -63,7 +63,13 @@ class ScheduledNormalizedMomentum:
       a minimum, so the step anneals itself on each task and tensor (as Adam's ``m / sqrt(v)`` does per element);
     - ``softness`` ``s``: the normalised direction ``d`` becomes the soft sign ``d (1 + s) / (|d| + s)``, moving
       every element by about the same amount (Lion-like, for tensors whose elements see gradients of very
-      different sizes); ``s -> inf`` is the plain normalised momentum.
+      different sizes); ``s -> inf`` is the plain normalised momentum;
+    - ``scale_floor`` ``f``: *relative* steps. Each segment's step is multiplied by the scale of its parameters,
+      ``max(std(W), f)`` over the segment (:func:`optimizers.rule.param_scale`), so ``lr`` is a fraction of the
+      weights' spread rather than an absolute amount: a model initialised at 0.02 (a GPT-2) gets ~8x smaller
+      steps than one at 1/sqrt(fan_in), as tuned Adam's rates differ between such models. The floor moves
+      tensors whose elements are all equal (zero biases, unit norm gains). A rule imitates it with the same
+      ``LearnedRule(scale_floor=f)``.
     """
 
     lr: float = 0.03
@@ -72,6 +78,7 @@ class ScheduledNormalizedMomentum:
     snr_decay: float | None = None
     snr_power: float = 1.0
     softness: float | None = None
+    scale_floor: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("momentum", "snr_decay"):
@@ -81,9 +88,9 @@ class ScheduledNormalizedMomentum:
                                  f"(the rule must see it), got {value}")
         if not (self.lr > 0 and self.tau > 0):
             raise ValueError(f"lr and tau must be positive, got lr={self.lr}, tau={self.tau}")
-        if not self.snr_power > 0 or (self.softness is not None and not self.softness > 0):
-            raise ValueError(f"snr_power and softness must be positive, got snr_power={self.snr_power}, "
-                             f"softness={self.softness}")
+        if not self.snr_power > 0 or any(v is not None and not v > 0 for v in (self.softness, self.scale_floor)):
+            raise ValueError(f"snr_power, softness and scale_floor must be positive, got snr_power={self.snr_power}, "
+                             f"softness={self.softness}, scale_floor={self.scale_floor}")
 
     @property
     def momentum_row(self) -> int:
@@ -101,27 +108,41 @@ class ScheduledNormalizedMomentum:
         teacher's update (the SNR scaling only shrinks it; the imitation measures its error against this)."""
         return self.lr / (1 + (step + 1) / self.tau)
 
-    def update(self, momenta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, segments: Segments
-               ) -> torch.Tensor:
+    def step_sizes(self, step: torch.Tensor, param: torch.Tensor, segments: Segments) -> torch.Tensor:
+        """Per-element step size ``(..., N)`` (or ``(..., 1)`` without relative steps): :meth:`step_size` times
+        each segment's parameter scale."""
+        size = self.step_size(step).unsqueeze(-1)
+        if self.scale_floor is None:
+            return size
+        return segment_mul(size.expand_as(param), param_scale(param, segments, self.scale_floor), segments, dim=-1)
+
+    def update(self, momenta: torch.Tensor, grad: torch.Tensor, step: torch.Tensor, segments: Segments,
+               param: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's change of the parameters given the rule's *updated* momenta ``(..., 7, N)`` (base row
-        first), the gradient ``(..., N)`` and ``step`` ``(...)``."""
+        first), the gradient ``(..., N)`` and ``step`` ``(...)``; ``param`` ``(..., N)`` (before the step) is needed
+        for relative steps (``scale_floor``)."""
+        scale = None
+        if self.scale_floor is not None:
+            if param is None:
+                raise ValueError("a teacher with relative steps (scale_floor) needs the parameters: pass param=")
+            scale = param_scale(param, segments, self.scale_floor)  # (..., T)
         momentum = momenta[..., self.momentum_row, :]
         rms_inv = (segment_mean_square(momentum, segments, dim=-1) + _EPS).rsqrt()
         direction = segment_mul(momentum, rms_inv, segments, dim=-1)
         if self.softness is not None:
             direction = direction * (1 + self.softness) / (direction.abs() + self.softness)
         change = direction * -self.step_size(step).unsqueeze(-1)
-        if self.snr_decay is None:
-            return change
-        slow = momenta[..., _row(self.snr_decay), :]
-        dot = segment_sum(grad * slow, segments, dim=-1)
-        norms = segment_sum(grad * grad, segments, dim=-1) * segment_sum(slow * slow, segments, dim=-1)
-        cosine = (dot * (norms + _EPS).rsqrt()).clamp_min(0)
-        return segment_mul(change, cosine**self.snr_power, segments, dim=-1)
+        if self.snr_decay is not None:
+            slow = momenta[..., _row(self.snr_decay), :]
+            dot = segment_sum(grad * slow, segments, dim=-1)
+            norms = segment_sum(grad * grad, segments, dim=-1) * segment_sum(slow * slow, segments, dim=-1)
+            cosine = (dot * (norms + _EPS).rsqrt()).clamp_min(0) ** self.snr_power
+            scale = cosine if scale is None else scale * cosine
+        return change if scale is None else segment_mul(change, scale, segments, dim=-1)
 
     def describe(self) -> str:
         """The settings that differ from the defaults' (for run metadata)."""
-        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("snr_decay", "softness")
+        extra = "".join(f", {k}={getattr(self, k):g}" for k in ("snr_decay", "softness", "scale_floor")
                         if getattr(self, k) is not None)
         if self.snr_decay is not None and self.snr_power != 1:
             extra += f", snr_power={self.snr_power:g}"
@@ -179,7 +200,7 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
             if t in keep:
                 out.append((w.clone(), g.clone(), momenta.clone(), step))
             momenta = decays * momenta + g
-            w = w + teacher.update(momenta, g, step, problem.segments)
+            w = w + teacher.update(momenta, g, step, problem.segments, param=w)
             bar.update()
     bar.close()
     w, g, m, s = (torch.stack(x) for x in zip(*out))
@@ -237,8 +258,9 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
         idx = torch.randint(0, len(snaps), (min(batch, len(snaps)),), generator=generator)
         w, g, m, s = snaps.w[idx], snaps.grad[idx], snaps.momenta[idx], snaps.step[idx]
         change = step_all({**trained, **fixed}, w, g, m, s) - w
-        target = teacher.update(decays * m + g.unsqueeze(1), g, s, source.problem.segments)
-        loss = ((change - target) / teacher.step_size(s).unsqueeze(-1)).pow(2).mean()
+        segments = source.problem.segments
+        target = teacher.update(decays * m + g.unsqueeze(1), g, s, segments, param=w)
+        loss = ((change - target) / teacher.step_sizes(s, w, segments)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

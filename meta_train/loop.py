@@ -120,6 +120,9 @@ class MetaTrainConfig:
         teacher_snr_power: exponent of that cosine.
         teacher_softness: 0 (default: off), or ``s > 0``: the teacher's normalised direction ``d`` becomes the soft
             sign ``d (1 + s) / (|d| + s)`` (see :class:`meta_train.imitate.ScheduledNormalizedMomentum`).
+        scale_floor: 0 (default: off), or ``f > 0``: *relative* steps for the rule and the teacher. The rule's
+            learned term, and the teacher's step, are multiplied by each segment's ``max(std(W), f)``
+            (:class:`optimizers.LearnedRule`), so ``teacher_lr`` is a fraction of the weights' spread.
         accumulate: meta-steps whose estimates are averaged before one update of the meta-optimizer (1: an update
             every meta-step). With ``horizon / truncation`` it averages a whole inner run's truncations, so the
             meta-optimizer sees one full-horizon estimate per update. A non-finite estimate is left out of the
@@ -162,6 +165,7 @@ class MetaTrainConfig:
     teacher_snr_decay: float = 0.0
     teacher_snr_power: float = 1.0
     teacher_softness: float = 0.0
+    scale_floor: float = 0.0
     meta_params: str = "all"
     accumulate: int = 1
 
@@ -219,6 +223,8 @@ def _check_values(cfg: MetaTrainConfig) -> None:
         raise bad("teacher_snr_decay", f"must be 0 (off) or one of the rule's momentum decays {MOMENTUM_DECAYS}")
     if cfg.teacher_softness < 0 or not math.isfinite(cfg.teacher_softness):
         raise bad("teacher_softness", "must be 0 (off) or positive")
+    if cfg.scale_floor < 0 or not math.isfinite(cfg.scale_floor):
+        raise bad("scale_floor", "must be 0 (off: absolute steps) or positive")
     if cfg.estimator not in ESTIMATORS:
         raise bad("estimator", f"must be one of {', '.join(ESTIMATORS)}")
     if cfg.meta_params not in META_PARAMS:
@@ -476,7 +482,8 @@ def _teacher(cfg: MetaTrainConfig):
     from .imitate import ScheduledNormalizedMomentum
 
     return ScheduledNormalizedMomentum(lr=cfg.teacher_lr, tau=cfg.teacher_tau, snr_decay=cfg.teacher_snr_decay or None,
-                                       snr_power=cfg.teacher_snr_power, softness=cfg.teacher_softness or None)
+                                       snr_power=cfg.teacher_snr_power, softness=cfg.teacher_softness or None,
+                                       scale_floor=cfg.scale_floor or None)
 
 
 def _imitation_warm_start(cfg: MetaTrainConfig, rule: O.LearnedRule, task: Task, problem: FlatProblem,
@@ -543,6 +550,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
                                    role_keys=role_keys)
     except KeyError as e:
         raise ValueError(f"field 'family': {e.args[0]}") from e
+    if cfg.scale_floor:
+        rule.scale_floor = cfg.scale_floor
     rule = rule.to(device)  # the master: the meta-parameters, whatever task the inner runs are on
     trained = {k: p for k, p in rule.named_parameters() if cfg.meta_params == "all" or k in SCALARS}
     meta_opt = torch.optim.Adam(trained.values(), lr=cfg.meta_lr)

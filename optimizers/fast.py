@@ -15,7 +15,7 @@ import torch
 
 from .families import DeepSet, PerParamMLP
 from .features import _EPS, N_STEP_FEATURES, N_TENSOR_FEATURES, Segments, step_encoding
-from .rule import LearnedRule, RuleState
+from .rule import LearnedRule, RuleState, scale_from_moments
 
 __all__ = ["fast_update", "supports_fast_path", "CHUNK"]
 
@@ -191,9 +191,16 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
     new_param = torch.empty_like(param)
     step_size = -(lr * rule.alpha)
     bound = rule.bound
+    scale = None  # relative steps: each segment's parameter scale, from the sums of pass 1
+    if rule.scale_floor is not None:
+        counts = segments.counts.to(device)
+        scale = scale_from_moments(raw_sums[:, :1] / counts[:, None], sq[:, :1] / counts[:, None], rule.scale_floor)
 
     def emit(s: int, e: int, learned: torch.Tensor) -> None:
-        direction = learned.div(bound).tanh_().mul_(bound * rule.beta).add_(momenta[0, s:e])
+        learned = learned.div(bound).tanh_()
+        if scale is not None:
+            learned.mul_(_per_element(scale, s, e, segments)[:, 0])
+        direction = learned.mul_(bound * rule.beta).add_(momenta[0, s:e])
         updated = torch.addcmul(param[s:e], direction, step_size)
         torch.where(ok[s:e] & torch.isfinite(updated), updated, param[s:e], out=new_param[s:e])
 

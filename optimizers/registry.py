@@ -59,6 +59,8 @@ def make_rule(family: str, spec: WeightSpaceSpec | None = None, role_keys: Seque
 
 def _config(rule: LearnedRule) -> dict[str, Any]:
     config = {"family_kwargs": getattr(rule.f, "config", {}), "bound": rule.bound}
+    if rule.scale_floor is not None:  # (absent from the files of rules without it: they stay byte for byte)
+        config["scale_floor"] = rule.scale_floor
     if isinstance(rule.f, UNFFamily):
         head = rule.f.head
         if isinstance(head, RoleUNFLinear) and head.role_keys != head.own_role_keys:
@@ -109,6 +111,7 @@ def load_rule(path: str | os.PathLike, device: torch.device | str = "cpu") -> Le
     rule = make_rule(config["family"], spec=spec, role_keys=config.get("role_keys"),
                      **config.get("family_kwargs", {}))
     rule.bound = float(config.get("bound", rule.bound))
+    rule.scale_floor = config.get("scale_floor")
     rule.load_state_dict(load_file(str(path), device=str(device)))
     return rule
 

@@ -3,12 +3,18 @@
 Rule (Harrison et al. 2022, as used by the UNF paper), per element::
 
     m^g  <- g * m^g + grad            for g in (gamma0, 0.1, 0.5, 0.9, 0.99, 0.999, 0.9999)
-    W    <- W - lr * alpha * (m^gamma0 + beta * B * tanh(f(features) / B))
+    W    <- W - lr * alpha * (m^gamma0 + beta * B * tanh(f(features) / B) [* S])
 
 ``alpha``, ``beta``, ``gamma0`` are meta-learned scalars (initial 0.1, 0.001, 0.9); ``lr`` is the torch.optim
 param-group learning rate and multiplies ``alpha`` so LR schedulers work (``lr = 1`` by default). ``f`` is bounded
 by ``B`` (smoothly, with tanh) so that one bad output cannot blow a run up. Elements whose gradient is NaN/Inf,
 or whose update would be, are skipped: neither their momenta nor their value change.
+
+Optional *relative* steps (``scale_floor``, off by default): the learned term is multiplied by ``S``, its
+segment's parameter scale ``max(std(W), scale_floor)`` (:func:`param_scale`). ``f`` sees features normalised per
+segment, so without ``S`` its term moves every model by the same absolute amount; with it, by a fraction of the
+weights' spread, which carries over between models initialised at different scales (an MLP at 1/sqrt(fan_in), a
+GPT-2 at 0.02).
 
 :class:`LearnedRule` holds the meta-parameters (``f`` and the three scalars); :func:`init` and
 :meth:`LearnedRule.update` are pure, so meta-training can differentiate through them with ``torch.func``.
@@ -22,9 +28,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .features import MOMENTUM_DECAYS, Segments, compute_features, step_encoding, tensor_features
+from .features import (
+    MOMENTUM_DECAYS,
+    Segments,
+    compute_features,
+    segment_mean,
+    segment_mean_square,
+    segment_mul,
+    step_encoding,
+    tensor_features,
+)
 
-__all__ = ["LearnedRule", "RuleState", "init", "N_MOMENTA"]
+__all__ = ["LearnedRule", "RuleState", "init", "param_scale", "scale_from_moments", "N_MOMENTA"]
 
 N_MOMENTA = 1 + len(MOMENTUM_DECAYS)  # base momentum (gamma0) first, then the feature momenta
 
@@ -42,6 +57,19 @@ def init(n: int, device: torch.device | str = "cpu") -> RuleState:
     return RuleState(torch.zeros(N_MOMENTA, n, device=device), torch.zeros((), device=device))
 
 
+def param_scale(param: torch.Tensor, segments: Segments, floor: float) -> torch.Tensor:
+    """Per-segment scale ``max(std(W), floor)`` of flat parameters ``(..., N)`` -> ``(..., T)``: the standard
+    deviation over each segment's elements."""
+    return scale_from_moments(segment_mean(param, segments, dim=-1), segment_mean_square(param, segments, dim=-1),
+                              floor)
+
+
+def scale_from_moments(mean: torch.Tensor, mean_square: torch.Tensor, floor: float) -> torch.Tensor:
+    """:func:`param_scale` from each segment's mean and mean square (``sqrt(E[W^2] - E[W]^2)``: the CPU paths have
+    both from the feature statistics)."""
+    return (mean_square - mean * mean).clamp_min(0).sqrt().clamp_min(floor)
+
+
 def _isfinite(x: torch.Tensor) -> torch.Tensor:
     """``torch.isfinite(x)`` as ``|x| < inf`` (False for NaN too): two vectorised kernels, where ``isfinite``
     runs four and is several times slower on CPU."""
@@ -53,12 +81,16 @@ class LearnedRule(nn.Module):
 
     The scalars are stored as they are (so ``beta = 0`` reproduces momentum SGD bit for bit) and clamped where
     used: ``alpha = |raw_alpha|`` (not a clamp: a clamp at 0 has zero gradient, so a meta-training run whose step
-    size once crossed 0 would stay frozen there), ``0 <= gamma0 <= 0.9999``.
+    size once crossed 0 would stay frozen there), ``0 <= gamma0 <= 0.9999``. ``scale_floor`` (a float > 0, or
+    None: off) turns relative steps on (module docstring); it is part of the rule, saved with its weights.
     """
 
     def __init__(self, f: nn.Module, alpha: float = 0.1, beta: float = 0.001, gamma0: float = 0.9,
-                 bound: float = 10.0):
+                 bound: float = 10.0, scale_floor: float | None = None):
         super().__init__()
+        if scale_floor is not None and not scale_floor > 0:
+            raise ValueError(f"scale_floor must be positive (or None: absolute steps), got {scale_floor}")
+        self.scale_floor = None if scale_floor is None else float(scale_floor)
         self.f = f
         self.raw_alpha = nn.Parameter(torch.tensor(float(alpha)))
         self.beta = nn.Parameter(torch.tensor(float(beta)))
@@ -83,7 +115,7 @@ class LearnedRule(nn.Module):
 
     def with_f(self, f: nn.Module) -> LearnedRule:
         """A rule with these scalars (copied) and another ``f`` (e.g. the same weights on another spec)."""
-        new = LearnedRule(f, bound=self.bound).to(self.raw_alpha.device)
+        new = LearnedRule(f, bound=self.bound, scale_floor=self.scale_floor).to(self.raw_alpha.device)
         with torch.no_grad():
             for name in ("raw_alpha", "beta", "raw_gamma0"):
                 getattr(new, name).copy_(getattr(self, name))
@@ -119,9 +151,11 @@ class LearnedRule(nn.Module):
             out = factored(tensor_features(param, g, feature_momenta, segments), step_encoding(state.step), segments)
         else:
             out = self.f(compute_features(param, g, feature_momenta, state.step, segments), segments)
+        learned = torch.tanh(out / self.bound)
+        if self.scale_floor is not None:
+            learned = segment_mul(learned, param_scale(param, segments, self.scale_floor), segments, dim=-1)
         # momenta[0] + beta * (B tanh(f / B)), with the two scalars multiplied first (as the fast path does)
-        direction = torch.addcmul(momenta[..., 0, :], torch.tanh(out / self.bound),
-                                  (self.bound * self.beta).unsqueeze(-1))
+        direction = torch.addcmul(momenta[..., 0, :], learned, (self.bound * self.beta).unsqueeze(-1))
         # one fused multiply-add, as torch.optim.SGD does: beta = 0 reproduces it bit for bit
         new_param = torch.addcmul(param, direction, (-(lr * self.alpha)).unsqueeze(-1))
         new_param = torch.where(ok & _isfinite(new_param), new_param, param)

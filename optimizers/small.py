@@ -41,7 +41,7 @@ from unf.nn.basis import canonical_labels
 
 from .families import DeepSet, PerParamMLP
 from .features import _EPS, N_TENSOR_FEATURES, Segments, step_encoding
-from .rule import LearnedRule, RuleState
+from .rule import LearnedRule, RuleState, scale_from_moments
 
 __all__ = ["supports_small_path", "small_update", "SmallPlan"]
 
@@ -431,6 +431,7 @@ def small_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, sta
     torch.mul(raw, raw, out=square)
     stats = mats.mean @ stats_in  # (T, 16): means, then mean squares
     means, rms = stats[:, :k], stats[:, k:]
+    scale = None if rule.scale_floor is None else scale_from_moments(means[:, 0], rms[:, 0], rule.scale_floor)
     rms.add_(_EPS).rsqrt_()
     torch.mul(raw, torch.index_select(rms, 0, mats.ids, out=x), out=x)
     bias0 = weights.first_bias(plan, state.step)
@@ -454,6 +455,8 @@ def small_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, sta
         x = y if depth == last else y.relu_()
     # f / bound (the weights carry the 1 / bound), bounded by tanh, in place in a buffer of ours
     out = (x[:, 0] if plan.readout is None else plan.readout(x, *weights.readout, plan)).tanh_()
+    if scale is not None:  # relative steps: times the segment's parameter scale
+        out.mul_(torch.index_select(scale, 0, mats.ids))
 
     direction = torch.addcmul(momenta[0], out, weights.beta_bound)
     new_param = torch.addcmul(param, direction, weights.neg_alpha * lr, out=plan.buffer("new_param", n))

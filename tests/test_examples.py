@@ -30,8 +30,9 @@ def test_lr_scheduler_changes_the_multiplier():
 
 @pytest.mark.filterwarnings("ignore")
 def test_hf_trainer_accepts_the_learned_optimizer():
-    loss = load("hf_trainer").main(steps=8)
-    assert loss < 5.6  # below the uniform byte-level loss ln(256) = 5.55 plus noise
+    for weights in ("unf-mnist1d-rel", "fresh"):
+        loss = load("hf_trainer").main(steps=8, weights=weights)
+        assert loss < 5.6  # below the uniform byte-level loss ln(256) = 5.55 plus noise
 
 
 def test_spec_example_runs(capsys):

@@ -60,7 +60,27 @@ def test_teacher_refinements_snr_scaling_and_soft_sign():
         "ScheduledNormalizedMomentum(lr=0.1, tau=10)"
 
 
+def test_teacher_relative_steps_scale_with_the_weights_spread():
+    seg = Segments.from_sizes([3, 2])
+    m = torch.tensor([[3.0, 0.0, -4.0, 1.0, 1.0]])
+    step = torch.tensor([4.0])
+    plain = ScheduledNormalizedMomentum(lr=0.1, tau=10.0, snr_decay=0.99)
+    rel = ScheduledNormalizedMomentum(lr=0.1, tau=10.0, snr_decay=0.99, scale_floor=0.5)
+    momenta = _momenta(m, plain.momentum_row, _momenta(torch.ones(1, 5), 1 + MOMENTUM_DECAYS.index(0.99)))
+    grad = torch.ones(1, 5)
+    w = torch.tensor([[1.0, 3.0, 5.0, 7.0, 7.0]])  # std sqrt(8/3), then 0 (floored)
+    scale = torch.tensor([[(8 / 3) ** 0.5] * 3 + [0.5] * 2])
+    torch.testing.assert_close(rel.update(momenta, grad, step, seg, param=w),
+                               scale * plain.update(momenta, grad, step, seg))
+    torch.testing.assert_close(rel.step_sizes(step, w, seg), scale * plain.step_size(step))
+    assert plain.step_sizes(step, w, seg).shape == (1, 1)
+    with pytest.raises(ValueError, match="needs the parameters"):
+        rel.update(momenta, grad, step, seg)
+    assert "scale_floor=0.5" in rel.describe()
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(momentum=0.95), "one of the rule's feature decays"),
+                                             (dict(scale_floor=0.0), "positive"),
                                              (dict(snr_decay=0.95), "snr_decay must be one of"),
                                              (dict(softness=0.0), "positive"), (dict(snr_power=-1.0), "positive"),
                                              (dict(lr=0.0), "positive"), (dict(tau=-1.0), "positive")])
@@ -181,6 +201,15 @@ def test_imitation_only_run_saves_the_fitted_rule(tmp_path):
         MetaTrainConfig(run_dir=str(tmp_path), meta_steps=0)
 
 
+def test_loop_with_relative_steps_fits_and_saves_them(tmp_path):
+    cfg = MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, meta_steps=0, teacher_lr=0.1, teacher_snr_decay=0.99,
+                                                         scale_floor=0.05))
+    rule = meta_train(cfg, progress=False)
+    assert rule.scale_floor == 0.05 and O.load_rule(tmp_path / "rule.safetensors").scale_floor == 0.05
+    info = O.weights_info(tmp_path / "rule.safetensors")["info"]
+    assert "scale_floor=0.05" in info["imitation"]
+
+
 def test_loop_passes_the_teacher_refinements(tmp_path):
     cfg = MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, meta_steps=0, teacher_lr=0.02, teacher_tau=3000.0,
                                                          teacher_snr_decay=0.99, teacher_softness=0.5))
@@ -193,7 +222,8 @@ def test_loop_passes_the_teacher_refinements(tmp_path):
     ("teacher_snr_decay", 0.95, "field 'teacher_snr_decay' must be 0 .off. or one of the rule's momentum decays"),
     ("teacher_softness", -1.0, "field 'teacher_softness' must be 0 .off. or positive"),
     ("teacher_snr_power", 0.0, "field 'teacher_snr_power' must be positive"),
-    ("imitate_beta", 0.0, "field 'imitate_beta' must be positive")])
+    ("imitate_beta", 0.0, "field 'imitate_beta' must be positive"),
+    ("scale_floor", -0.1, "field 'scale_floor' must be 0 .off: absolute steps. or positive")])
 def test_bad_teacher_refinements_name_their_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=message):
         MetaTrainConfig(run_dir=str(tmp_path), **{field: value})

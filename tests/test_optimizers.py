@@ -301,13 +301,16 @@ def test_constructor_errors():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("sizes", [[5], [3, 7, 1, 20000], [16384, 16385]])
-def test_fast_path_equals_reference(family, sizes):
+@pytest.mark.parametrize("scale_floor", [None, 0.5])
+def test_fast_path_equals_reference(family, sizes, scale_floor):
     from optimizers.fast import fast_update
 
     rule = active_rule(family, beta=0.3)
+    rule.scale_floor = scale_floor
     gen = torch.Generator().manual_seed(1)
     n = sum(sizes)
     param, grad = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    param[: n // 2] *= 0.1  # some segments below the floor, some above (when there are several)
     grad[::97] = float("nan")
     state = O.RuleState(torch.randn(7, n, generator=gen), torch.tensor(12.0))
     seg = Segments.from_sizes(sizes)
@@ -335,6 +338,36 @@ def test_save_and_load_rule_round_trip(tmp_path, family):
     opt = O.load(str(path), model)
     assert isinstance(opt, O.LearnedOptimizer)
     train(model, opt, 2)
+
+
+def test_relative_steps_round_trip_and_scale(tmp_path):
+    """``scale_floor`` is saved with the weights, and it multiplies the learned term by each tensor's
+    ``max(std, floor)`` (so a model at 10x the scale moves 10x as far, and a constant tensor by the floor)."""
+    rule = active_rule("deepset", beta=0.3)
+    rule.scale_floor = 0.01
+    path = tmp_path / "rule.safetensors"
+    O.save_rule(rule, path, task="test")
+    assert O.load_rule(path).scale_floor == 0.01
+    assert O.load_rule(path).with_f(O.DeepSet()).scale_floor == 0.01
+    with pytest.raises(ValueError, match="scale_floor must be positive"):
+        O.LearnedRule(O.DeepSet(), scale_floor=0.0)
+    seg = Segments.from_sizes([50, 30])
+    gen = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(80, generator=gen), torch.randn(80, generator=gen)
+    param[50:] = 2.0  # std 0: the floor
+    with torch.no_grad():
+        rule.raw_gamma0.fill_(0.0)
+        steps = []
+        for scale in (1.0, 10.0):
+            state = O.rule.init(80)
+            # the base term alpha * grad scales with the gradient; the learned term with the parameters
+            new, _, _ = rule.update(param * scale, grad, state, seg)
+            steps.append(new - param * scale + rule.alpha * grad)
+    torch.testing.assert_close(steps[1][:50], 10 * steps[0][:50], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(steps[1][50:], steps[0][50:], rtol=1e-4, atol=5e-6)  # (rounding of 20 + step)
+    std = param[:50].std(unbiased=False)
+    assert steps[0][:50].abs().max() <= rule.alpha * rule.beta * rule.bound * std * (1 + 1e-5)
+    assert steps[0][50:].abs().max() <= rule.alpha * rule.beta * rule.bound * 0.01 * (1 + 1e-5)
 
 
 def test_registry_errors(tmp_path):
@@ -383,7 +416,7 @@ def test_step_size_never_gets_stuck_at_zero():
 def test_shipped_weights_load_and_train():
     names = O.available()
     assert {"perparam-mnist1d", "deepset-mnist1d", "unf-mnist1d", "unf-mnist1d-imitation", "unf-mnist1d-snr",
-            "unf-transformer-shakespeare"} <= set(names)
+            "unf-mnist1d-rel", "unf-transformer-shakespeare"} <= set(names)
     torch.manual_seed(0)
     for name in names:
         model = nn.Sequential(nn.Linear(7, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))

@@ -111,6 +111,18 @@ def test_small_unf_step_equals_reference(name, case):
     _compare(rule, seg, n, nan=case == "nonfinite", active=_active(n) if case == "inactive" else None)
 
 
+@pytest.mark.parametrize("case", ["finite", "nonfinite"])
+@pytest.mark.parametrize("name", ["mlp", "gpt2"])
+def test_small_step_with_relative_steps_equals_reference(name, case):
+    """``scale_floor``: the learned term times each segment's parameter scale, which the small path takes from its
+    feature statistics (the reference from the parameters)."""
+    f, seg = _family(name, "role", scale=0.5)
+    rule = O.LearnedRule(f, beta=0.3, scale_floor=1.0)  # the inputs have std ~1: some segments floored
+    n = seg.ids.numel()
+    assert supports_small_path(rule, n)
+    _compare(rule, seg, n, nan=case == "nonfinite", active=_active(n) if case == "inactive" else None)
+
+
 def test_weights_changed_between_steps_are_picked_up():
     f, seg = _family("mlp", "role", scale=0.5)
     rule = O.LearnedRule(f, beta=0.3)

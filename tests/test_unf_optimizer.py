@@ -30,8 +30,9 @@ def loss_of(model, x):
     return out.double().square().mean()
 
 
+@pytest.mark.parametrize("scale_floor", [None, 0.05])  # relative steps: a per-entry std, invariant too
 @pytest.mark.parametrize("name", ["mlp", "cnn_bn", "gpt2"])
-def test_unf_optimizer_commutes_with_the_models_permutations(name):
+def test_unf_optimizer_commutes_with_the_models_permutations(name, scale_floor):
     model, x = build(name)
     model.train(False)  # BatchNorm statistics must not move during the steps
     with warnings.catch_warnings():
@@ -41,7 +42,8 @@ def test_unf_optimizer_commutes_with_the_models_permutations(name):
     twin = copy.deepcopy(model)
     twin.load_state_dict(spec.permute_state_dict(model.state_dict(), perm))
 
-    rule = randomize_rule(O.LearnedRule(O.UNFFamily(spec.parameters_only(), hidden=4, layers=2)))
+    rule = randomize_rule(O.LearnedRule(O.UNFFamily(spec.parameters_only(), hidden=4, layers=2),
+                                        scale_floor=scale_floor))
     opt = O.UNFOptimizer(model, x, rule=rule, spec=spec)
     opt_twin = O.UNFOptimizer(twin, x, rule=copy.deepcopy(rule), spec=spec)
     for _ in range(3):
