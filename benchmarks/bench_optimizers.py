@@ -2,10 +2,12 @@
 measured side by side in one run.
 
     python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--rounds 5] [--seed 0] [--device cpu|cuda]
+        [--relative]
 
 Tasks: the UNF paper's MLP (64 -> 32 -> 10, 2.4k parameters, batch 128) and a ~1M-parameter CNN (4 conv layers,
 32x32 RGB input, batch 128). Reports the median step time of each optimizer and its ratio to Adam's; the optimizers
-take turns (interleaved rounds), so a drifting machine affects all alike.
+take turns (interleaved rounds), so a drifting machine affects all alike. ``--relative`` adds ``UNF-rel``: the UNF
+optimizer with relative steps (``scale_floor = 0.05``, as the shipped ``unf-mnist1d-rel``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,13 @@ def cnn_task() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 TASKS = {"mlp": mlp_task, "cnn": cnn_task}
 
 
-def optimizer_factories(cuda: bool = False) -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
+def _relative(opt: O.UNFOptimizer, scale_floor: float = 0.05) -> O.UNFOptimizer:
+    opt.rule.scale_floor = scale_floor
+    return opt
+
+
+def optimizer_factories(cuda: bool = False, relative: bool = False
+                        ) -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
     """The optimizers compared; on a GPU each learned one three ways: replaying a CUDA graph (the default),
     stepping eagerly (``cuda_graph=False``: what the graph saves) and compiled (``compile=True``, replayed)."""
     out = {
@@ -52,6 +60,8 @@ def optimizer_factories(cuda: bool = False) -> dict[str, Callable[[nn.Module, to
                                                                      **kw),
                "DeepSet": lambda m, x, **kw: O.LearnedOptimizer(m.parameters(), O.LearnedRule(O.DeepSet()), **kw),
                "UNF": lambda m, x, **kw: O.UNFOptimizer(m, x, **kw)}
+    if relative:
+        learned["UNF-rel"] = lambda m, x, **kw: _relative(O.UNFOptimizer(m, x, **kw))
     variants = {"": {}, "-eager": {"cuda_graph": False}, "-compiled": {"compile": True}} if cuda else {"": {}}
     for suffix, kw in variants.items():
         for name, make in learned.items():
@@ -92,6 +102,7 @@ def main() -> None:
     parser.add_argument("--profile", nargs="*", default=[], metavar="OPTIMIZER",
                         help="after timing, profile 5 optimizer steps of these (e.g. UNF-eager) and print the ops "
                              "that take the most time (device time on a GPU)")
+    parser.add_argument("--relative", action="store_true", help="also UNF-rel (relative steps, scale_floor 0.05)")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -107,7 +118,7 @@ def main() -> None:
         # every optimizer trains its own copy; rounds alternate between them, so that drifts of the machine
         # (frequency, other tenants) fall on all of them alike
         runs = {}
-        for opt_name, make in optimizer_factories(device.type == "cuda").items():
+        for opt_name, make in optimizer_factories(device.type == "cuda", args.relative).items():
             m = copy.deepcopy(model)
             runs[opt_name] = (m, make(m, x))
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in runs}
