@@ -111,8 +111,8 @@ class UNFFamily(nn.Module):
             self._slices[a][0] + self._slices[a][1] == self._slices[b][0] for a, b in zip(order, order[1:]))
         self._tiling = order if tiles else None
         # the slices as one split of the vector (gaps unnamed): in a backward pass a split concatenates its
-        # pieces' gradients once, where each slice would write a zero-filled gradient of the whole vector (30
-        # entries of a GPT-2 under vmap: ~2 s of zero-fill per imitation step)
+        # pieces' gradients once, where each slice would write a zero-filled gradient of the whole vector (the ~30
+        # entries of a GPT-2, batched: 0.8 s of a 2.7 s imitation step)
         sizes, names, pos = [], [], 0
         for name in order:
             start, n = self._slices[name]
