@@ -193,8 +193,8 @@ def fast_update(rule: LearnedRule, param: torch.Tensor, grad: torch.Tensor, stat
     bound = rule.bound
     scale = None  # relative steps: each segment's parameter scale, from the sums of pass 1
     if rule.scale_floor is not None:
-        counts = segments.counts.to(device)
-        scale = scale_from_moments(raw_sums[:, :1] / counts[:, None], sq[:, :1] / counts[:, None], rule.scale_floor)
+        counts = segments.counts[:, None]
+        scale = scale_from_moments(raw_sums[:, :1] / counts, sq[:, :1] / counts, rule.scale_floor)
 
     def emit(s: int, e: int, learned: torch.Tensor) -> None:
         learned = learned.div(bound).tanh_()
