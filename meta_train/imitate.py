@@ -37,6 +37,7 @@ from tqdm import tqdm
 import optimizers as O
 from optimizers.features import _EPS, MOMENTUM_DECAYS, Segments, segment_mean_square, segment_mul, segment_sum
 from optimizers.rule import N_MOMENTA, RuleState, param_scale
+from unf.nn import RoleUNFLinear
 
 from .estimators import FlatProblem
 from .tasks import Task
@@ -207,6 +208,16 @@ def teacher_snapshots(task: Task, problem: FlatProblem, teacher: ScheduledNormal
     return Snapshots(w, g, m, s)
 
 
+def role_tables(rule: O.LearnedRule) -> list[str]:
+    """Names of ``rule``'s parameters that are tables over role keys (one row per key): the coefficient and
+    constant tables of its :class:`unf.nn.RoleUNFLinear` layers."""
+    names = []
+    for prefix, module in rule.named_modules():
+        if isinstance(module, RoleUNFLinear):
+            names += [f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False) if n in ("coef", "bias_coef")]
+    return names
+
+
 @dataclass
 class ImitationSource:
     """Snapshots of one more task for :func:`imitate`, with the rule that runs the fitted rule's parameters on that
@@ -221,7 +232,7 @@ class ImitationSource:
 def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, teacher: ScheduledNormalizedMomentum,
             steps: int, generator: torch.Generator, batch: int = 16, lr: float = 1e-3, alpha: float = 1e-3,
             beta: float = 30.0, gamma0: float | None = None, progress: bool = True,
-            more: Sequence[ImitationSource] = ()) -> list[float]:
+            more: Sequence[ImitationSource] = (), key_dropout: float = 0.0) -> list[float]:
     """Fit ``rule`` (in place) to ``teacher``'s updates on ``snapshots``; returns the loss of every step.
 
     The loss is ``mean(((rule's change - teacher's change) / teacher's step size) ** 2)`` over a batch of
@@ -230,9 +241,20 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
     at ``beta``. ``problem`` gives the layout the rule reads (for
     a UNF rule, its spec's segments: :func:`meta_train.build.build_rule`). ``more``: snapshots of other tasks; the
     steps then take their batches from each source in turn (``rule``'s own first).
+
+    ``key_dropout``: for a rule whose UNF read-out is shared by role key (:class:`unf.nn.RoleUNFLinear`), the
+    probability that a key's coefficients are left out (read as zero) at a step, drawn per key and step. A model
+    whose spec lacks some of the fitted keys gets zero for their terms (the transfer rule), so a rule fitted with
+    every key present leans on terms it will not have there; with dropout, the rest of the rule learns to imitate
+    the teacher without them too. 0 (default) draws nothing, so fits without it are unchanged.
     """
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    if not 0.0 <= key_dropout < 1.0:
+        raise ValueError(f"key_dropout must be in [0, 1), got {key_dropout}")
+    tables = role_tables(rule) if key_dropout else []
+    if key_dropout and not tables:
+        raise ValueError("key_dropout needs a rule whose UNF read-out is shared by role key (family 'unf')")
     with torch.no_grad():
         rule.raw_alpha.fill_(alpha)
         rule.raw_gamma0.fill_(teacher.momentum if gamma0 is None else gamma0)
@@ -257,7 +279,11 @@ def imitate(rule: O.LearnedRule, problem: FlatProblem, snapshots: Snapshots, tea
         snaps = source.snapshots
         idx = torch.randint(0, len(snaps), (min(batch, len(snaps)),), generator=generator)
         w, g, m, s = snaps.w[idx], snaps.grad[idx], snaps.momenta[idx], snaps.step[idx]
-        change = step_all({**trained, **fixed}, w, g, m, s) - w
+        theta = {**trained, **fixed}
+        for name in tables:  # leave each role key out with probability key_dropout
+            keep = (torch.rand(theta[name].shape[0], generator=generator) >= key_dropout).to(theta[name])
+            theta[name] = theta[name] * keep.view(-1, *(1,) * (theta[name].dim() - 1))
+        change = step_all(theta, w, g, m, s) - w
         segments = source.problem.segments
         target = teacher.update(decays * m + g.unsqueeze(1), g, s, segments, param=w)
         loss = ((change - target) / teacher.step_sizes(s, w, segments)).pow(2).mean()

@@ -113,6 +113,9 @@ class MetaTrainConfig:
         imitate_tasks: more registered tasks whose teacher runs (``imitate_runs`` each) join the imitation's
             snapshots, so the rule learns the teacher's behaviour beyond the one task (a UNF rule's read-out then
             covers the role keys of all of them).
+        imitate_key_dropout: for a UNF rule, the probability that each role key's read-out coefficients are left
+            out at an imitation step (:func:`meta_train.imitate.imitate`'s ``key_dropout``), so the rule also
+            imitates the teacher on models whose spec lacks some of its keys; 0 (default) for none.
         teacher_lr: the teacher's initial step size (per-element RMS of its update).
         teacher_tau: the teacher's step size halves after ``teacher_tau`` steps (inverse-time decay).
         teacher_snr_decay: 0 (default: off), or a momentum decay of the rule (e.g. 0.99): the teacher scales each
@@ -160,6 +163,7 @@ class MetaTrainConfig:
     imitate_horizon: int = 10000
     imitate_beta: float = 30.0
     imitate_tasks: list[str] = field(default_factory=list)
+    imitate_key_dropout: float = 0.0
     teacher_lr: float = 0.03
     teacher_tau: float = 300.0
     teacher_snr_decay: float = 0.0
@@ -251,6 +255,10 @@ def _check_values(cfg: MetaTrainConfig) -> None:
                 raise ValueError(f"field {which!r}: unknown task {name!r}; registered: {', '.join(known)}")
     if cfg.imitate_tasks and not cfg.imitate_steps:
         raise bad("imitate_tasks", "needs imitate_steps > 0 (they are imitation tasks)")
+    if not 0.0 <= cfg.imitate_key_dropout < 1.0:
+        raise bad("imitate_key_dropout", "must be in [0, 1)")
+    if cfg.imitate_key_dropout and cfg.family != "unf":
+        raise bad("imitate_key_dropout", "applies to family 'unf' only (its read-out is shared by role key)")
     if cfg.eval_every and not cfg.eval_tasks:
         raise bad("eval_tasks", "must name at least one task when eval_every > 0")
 
@@ -502,7 +510,7 @@ def _imitation_warm_start(cfg: MetaTrainConfig, rule: O.LearnedRule, task: Task,
         more.append(ImitationSource(bound, extra_problem, teacher_snapshots(
             extra, extra_problem, teacher, cfg.imitate_runs, cfg.imitate_horizon, gen, progress)))
     losses = imitate(rule, problem, snaps, teacher, cfg.imitate_steps, gen, beta=cfg.imitate_beta, progress=progress,
-                     more=more)
+                     more=more, key_dropout=cfg.imitate_key_dropout)
     if write:
         _write_csv(run_dir / "imitation.csv", [{"step": i, "loss": x} for i, x in enumerate(losses)],
                    ("step", "loss"))
@@ -731,6 +739,8 @@ def meta_train(cfg: MetaTrainConfig, progress: bool = True, stop_after: int | No
         trained_on = ({"task": f"family:{cfg.task_family}", "task_family": cfg.task_family} if cfg.task_family
                       else {"task": cfg.task})
         where = f" of each of {', '.join([cfg.task, *cfg.imitate_tasks])}" if cfg.imitate_tasks else ""
+        if cfg.imitate_key_dropout:
+            where += f", role keys left out with probability {cfg.imitate_key_dropout:g}"
         imitation = ({"imitation": f"{cfg.imitate_steps} steps fitting {_teacher(cfg).describe()} on "
                                    f"{cfg.imitate_runs} runs of {cfg.imitate_horizon} steps{where}"}
                      if cfg.imitate_steps else {})

@@ -257,3 +257,83 @@ def test_imitation_starts_beta_where_the_config_says(tmp_path):
     rule = meta_train(MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, meta_steps=0, imitate_beta=3.0)),
                       progress=False)
     assert abs(rule.beta.item() - 3.0) < 0.05  # five Adam steps at lr 1e-3 from 3.0 (the default starts at 30)
+
+
+def test_key_dropout_leaves_role_keys_out():
+    from meta_train.imitate import role_tables
+
+    task, rule, problem = _tiny("unf")
+    assert role_tables(rule) == ["f.head.coef", "f.head.bias_coef"]
+    teacher = ScheduledNormalizedMomentum()
+    snaps = teacher_snapshots(task, problem, teacher, runs=1, horizon=20, generator=torch.Generator().manual_seed(0),
+                              progress=False)
+    before = {k: v.detach().clone() for k, v in rule.named_parameters()}
+
+    def fit(p: float, seed: int = 0) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            for k, v in rule.named_parameters():
+                v.copy_(before[k])
+        imitate(rule, problem, snaps, teacher, steps=5, generator=torch.Generator().manual_seed(seed), batch=4,
+                progress=False, key_dropout=p)
+        return {k: v.detach().clone() for k, v in rule.named_parameters()}
+
+    # (nearly) every key left out at every step: the tables get no gradient, so Adam leaves them exactly as they
+    # were while the DeepSet part is fitted
+    dropped = fit(0.9999)
+    assert torch.equal(dropped["f.head.coef"], before["f.head.coef"])
+    assert torch.equal(dropped["f.head.bias_coef"], before["f.head.bias_coef"])
+    assert not torch.equal(dropped["f.deepset.layers.0.elem.weight"], before["f.deepset.layers.0.elem.weight"])
+    # some keys in, some out: the tables are fitted too; the draws come from the fit's generator (reproducible)
+    half = fit(0.5)
+    assert not torch.equal(half["f.head.coef"], before["f.head.coef"])
+    assert all(torch.equal(half[k], v) for k, v in fit(0.5).items())
+    assert any(not torch.equal(half[k], v) for k, v in fit(0.0).items())
+
+
+def test_key_dropout_is_checked(tmp_path):
+    task, rule, problem = _tiny("deepset")
+    snaps = teacher_snapshots(task, problem, ScheduledNormalizedMomentum(), runs=1, horizon=5,
+                              generator=torch.Generator().manual_seed(0), progress=False)
+    with pytest.raises(ValueError, match="key_dropout needs a rule whose UNF read-out is shared by role key"):
+        imitate(rule, problem, snaps, ScheduledNormalizedMomentum(), steps=1, generator=torch.Generator(),
+                progress=False, key_dropout=0.5)
+    with pytest.raises(ValueError, match=r"key_dropout must be in \[0, 1\)"):
+        imitate(rule, problem, snaps, ScheduledNormalizedMomentum(), steps=1, generator=torch.Generator(),
+                progress=False, key_dropout=1.0)
+    with pytest.raises(ValueError, match=r"field 'imitate_key_dropout' must be in \[0, 1\)"):
+        MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, family="unf", imitate_key_dropout=-0.1))
+    with pytest.raises(ValueError, match="field 'imitate_key_dropout' applies to family 'unf' only"):
+        MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_key_dropout=0.5))
+
+
+def test_loop_passes_key_dropout(tmp_path):
+    base = dict(SMALL, family="unf", meta_steps=0)
+    plain = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "a"), **base), progress=False)
+    dropped = meta_train(MetaTrainConfig(run_dir=str(tmp_path / "b"), **dict(base, imitate_key_dropout=0.5)),
+                         progress=False)
+    assert not torch.equal(plain.f.head.coef, dropped.f.head.coef)
+    info = O.weights_info(tmp_path / "b" / "rule.safetensors")["info"]
+    assert info["imitation"].endswith("runs of 20 steps, role keys left out with probability 0.5")
+
+
+def test_imitation_error_diagnostic_adds_up():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "imitation_error.py"
+    spec = importlib.util.spec_from_file_location("imitation_error", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    _, rule, _ = _tiny("unf")
+    with torch.no_grad():
+        rule.beta.fill_(30.0)  # as a fit starts it (a fresh rule's learned term is below float32 rounding of w)
+        rule.f.head.coef.normal_(generator=torch.Generator().manual_seed(0))  # (a fresh read-out starts at zero)
+    teacher = ScheduledNormalizedMomentum(lr=0.1, tau=1000, snr_decay=0.99, softness=0.1, scale_floor=0.05)
+    r = module.entry_errors(rule, "mlp-digits", teacher, horizon=20, seed=0)
+    n = float(r["counts"].sum()) * r["snapshots"]
+    assert float(r["err"].sum()) / n == pytest.approx(r["mean"], rel=1e-5)
+    assert r["coverage"] == 1.0 and r["entries"] == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    # the per-entry terms are those of a squared difference: err = rule - 2 dot + teacher
+    torch.testing.assert_close(r["err"], r["rule"] - 2 * r["dot"] + r["teacher"], rtol=1e-6, atol=1e-6)
+    zeroed = module.entry_errors(rule, "mlp-digits", teacher, horizon=20, seed=0, zero_tables=True)
+    assert zeroed["mean"] != r["mean"]  # the read-out's tables take part unless zeroed
