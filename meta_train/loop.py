@@ -257,6 +257,8 @@ def _check_values(cfg: MetaTrainConfig) -> None:
         raise bad("imitate_tasks", "needs imitate_steps > 0 (they are imitation tasks)")
     if not 0.0 <= cfg.imitate_key_dropout < 1.0:
         raise bad("imitate_key_dropout", "must be in [0, 1)")
+    if cfg.imitate_key_dropout and not cfg.imitate_steps:
+        raise bad("imitate_key_dropout", "needs imitate_steps > 0 (it acts on the imitation)")
     if cfg.imitate_key_dropout and cfg.family != "unf":
         raise bad("imitate_key_dropout", "applies to family 'unf' only (its read-out is shared by role key)")
     if cfg.eval_every and not cfg.eval_tasks:

@@ -304,6 +304,8 @@ def test_key_dropout_is_checked(tmp_path):
         MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, family="unf", imitate_key_dropout=-0.1))
     with pytest.raises(ValueError, match="field 'imitate_key_dropout' applies to family 'unf' only"):
         MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, imitate_key_dropout=0.5))
+    with pytest.raises(ValueError, match="field 'imitate_key_dropout' needs imitate_steps > 0"):
+        MetaTrainConfig(run_dir=str(tmp_path), **dict(SMALL, family="unf", imitate_steps=0, imitate_key_dropout=0.5))
 
 
 def test_loop_passes_key_dropout(tmp_path):
