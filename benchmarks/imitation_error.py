@@ -24,19 +24,28 @@ from torch.func import functional_call, vmap
 
 import optimizers as O
 from meta_train.build import bind_rule
-from meta_train.imitate import ScheduledNormalizedMomentum, role_tables, teacher_snapshots
+from meta_train.estimators import FlatProblem
+from meta_train.imitate import ScheduledNormalizedMomentum, Snapshots, role_tables, teacher_snapshots
 from meta_train.tasks import get_task
 from optimizers.rule import RuleState
 
 
-def entry_errors(rule: O.LearnedRule, task_name: str, teacher: ScheduledNormalizedMomentum, horizon: int,
-                 seed: int, zero_tables: bool = False, chunk: int = 16) -> dict[str, torch.Tensor | float]:
-    """Per-entry sums over the snapshots of the squared relative error, of the rule's and the teacher's squared
-    relative updates and of their product, and the mean error over the first and second half of the run."""
+def teacher_run(rule: O.LearnedRule, task_name: str, teacher: ScheduledNormalizedMomentum, horizon: int,
+                seed: int) -> tuple[O.LearnedRule, FlatProblem, Snapshots]:
+    """``rule`` bound to the task's spec, the task's flat problem, and one teacher run's snapshots."""
     task = get_task(task_name)
     gen = torch.Generator().manual_seed(seed)
     bound, problem = bind_rule(rule, "unf", task, task.init(gen))
-    snaps = teacher_snapshots(task, problem, teacher, 1, horizon, gen, progress=False)
+    return bound, problem, teacher_snapshots(task, problem, teacher, 1, horizon, gen, progress=False)
+
+
+def entry_errors(rule: O.LearnedRule, task_name: str, teacher: ScheduledNormalizedMomentum, horizon: int,
+                 seed: int, zero_tables: bool = False, chunk: int = 16,
+                 run: tuple[O.LearnedRule, FlatProblem, Snapshots] | None = None) -> dict[str, torch.Tensor | float]:
+    """Per-entry sums over the snapshots of the squared relative error, of the rule's and the teacher's squared
+    relative updates and of their product, and the mean error over the first and second half of the run. ``run``:
+    :func:`teacher_run`'s result for these arguments, to reuse one teacher run for several measurements."""
+    bound, problem, snaps = run if run is not None else teacher_run(rule, task_name, teacher, horizon, seed)
     theta = {k: v.detach() for k, v in rule.named_parameters()}
     theta["raw_alpha"] = torch.tensor(1e-3)
     theta["raw_gamma0"] = torch.tensor(teacher.momentum)
@@ -92,8 +101,9 @@ def main() -> None:
     print(f"rule {args.rule}; teacher {teacher.describe()}; one teacher run of {args.horizon} steps per task, "
           f"seed {args.seed}")
     for name in args.task:
-        r = entry_errors(rule, name, teacher, args.horizon, args.seed)
-        z = entry_errors(rule, name, teacher, args.horizon, args.seed, zero_tables=True)
+        run = teacher_run(rule, name, teacher, args.horizon, args.seed)  # one teacher run for both measurements
+        r = entry_errors(rule, name, teacher, args.horizon, args.seed, run=run)
+        z = entry_errors(rule, name, teacher, args.horizon, args.seed, zero_tables=True, run=run)
         print(f"\n{name}: coverage {r['coverage']:.2f}, {r['snapshots']} snapshots; error {r['mean']:.5f} "
               f"(first half {r['first']:.5f}, second {r['second']:.5f}); role tables zeroed: {z['mean']:.5f}")
         share = r["err"] / r["err"].sum()
