@@ -2,7 +2,7 @@
 measured side by side in one run.
 
     python benchmarks/bench_optimizers.py [--task mlp|cnn|all] [--steps 50] [--rounds 5] [--seed 0] [--device cpu|cuda]
-        [--relative]
+        [--relative] [--only NAME ...] [--profile NAME ...]
 
 Tasks: the UNF paper's MLP (64 -> 32 -> 10, 2.4k parameters, batch 128) and a ~1M-parameter CNN (4 conv layers,
 32x32 RGB input, batch 128). Reports the median step time of each optimizer and its ratio to Adam's; the optimizers
@@ -50,8 +50,10 @@ def _relative(opt: O.UNFOptimizer, scale_floor: float = 0.05) -> O.UNFOptimizer:
 
 def optimizer_factories(cuda: bool = False, relative: bool = False
                         ) -> dict[str, Callable[[nn.Module, torch.Tensor], torch.optim.Optimizer]]:
-    """The optimizers compared; on a GPU each learned one three ways: replaying a CUDA graph (the default),
-    stepping eagerly (``cuda_graph=False``: what the graph saves) and compiled (``compile=True``, replayed)."""
+    """The optimizers compared; on a GPU each learned one five ways: the default (a CUDA graph replay of the step,
+    with the fused Triton layers of :mod:`optimizers.fused`), unfused (``fused=False``: the default before them),
+    stepping eagerly (``cuda_graph=False``: what the graph saves), compiled (``compile=True``, replayed, fused)
+    and compiled unfused."""
     out = {
         "Adam": lambda m, x: torch.optim.Adam(m.parameters(), lr=1e-3),
         "SGD-momentum": lambda m, x: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
@@ -62,7 +64,9 @@ def optimizer_factories(cuda: bool = False, relative: bool = False
                "UNF": lambda m, x, **kw: O.UNFOptimizer(m, x, **kw)}
     if relative:
         learned["UNF-rel"] = lambda m, x, **kw: _relative(O.UNFOptimizer(m, x, **kw))
-    variants = {"": {}, "-eager": {"cuda_graph": False}, "-compiled": {"compile": True}} if cuda else {"": {}}
+    variants = ({"": {}, "-unfused": {"fused": False}, "-eager": {"cuda_graph": False},
+                 "-compiled": {"compile": True}, "-compiled-unfused": {"compile": True, "fused": False}}
+                if cuda else {"": {}})
     for suffix, kw in variants.items():
         for name, make in learned.items():
             out[name + suffix] = lambda m, x, make=make, kw=kw: make(m, x, **kw)
@@ -103,6 +107,8 @@ def main() -> None:
                         help="after timing, profile 5 optimizer steps of these (e.g. UNF-eager) and print the ops "
                              "that take the most time (device time on a GPU)")
     parser.add_argument("--relative", action="store_true", help="also UNF-rel (relative steps, scale_floor 0.05)")
+    parser.add_argument("--only", nargs="*", default=None, metavar="OPTIMIZER",
+                        help="time only these (Adam, the baseline, always runs), e.g. UNF UNF-compiled")
     args = parser.parse_args()
     device = torch.device(args.device)
     where = (torch.cuda.get_device_name(device) if device.type == "cuda" else
@@ -118,7 +124,13 @@ def main() -> None:
         # every optimizer trains its own copy; rounds alternate between them, so that drifts of the machine
         # (frequency, other tenants) fall on all of them alike
         runs = {}
-        for opt_name, make in optimizer_factories(device.type == "cuda", args.relative).items():
+        factories = optimizer_factories(device.type == "cuda", args.relative)
+        unknown = sorted(set(args.only or ()) - set(factories))
+        if unknown:
+            parser.error(f"unknown optimizers {unknown}; choose from {sorted(factories)}")
+        for opt_name, make in factories.items():
+            if args.only is not None and opt_name != "Adam" and opt_name not in args.only:
+                continue
             m = copy.deepcopy(model)
             runs[opt_name] = (m, make(m, x))
         times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in runs}
@@ -154,7 +166,7 @@ def profile_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor,
             torch.cuda.synchronize()
     key = "self_device_time_total" if x.is_cuda else "self_cpu_time_total"
     print(f"\n  profile of {name}, 5 full steps:")
-    print(prof.key_averages().table(sort_by=key, row_limit=15))
+    print(prof.key_averages().table(sort_by=key, row_limit=25))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's GPU checks in one run (CI and the project's machine have no GPU; BENCHMARKS.md records the
-# results): the CUDA tests, full training-step times of the optimizers on the GPU (Adam measured in the same run),
+# results): the CUDA tests (with the fused Triton layers' checks), the fused layer against the unfused ops, full
+# training-step times of the optimizers on the GPU (Adam measured in the same run),
 # and the language-model comparison with the populations on the GPU.
 #
 # Durations on an H200 (2026-11-27): tests 41 s, step times ~80 s (six compilations); the comparison is
@@ -18,8 +19,10 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
-timeout 330 $PY benchmarks/bench_optimizers.py --device cuda --steps 50 --seed 0 --profile UNF UNF-compiled 2>&1 \
-  | tee "$OUT/bench_optimizers.txt"
+timeout 90 $PY benchmarks/bench_fused.py 2>&1 | tee "$OUT/bench_fused.txt"
+timeout 330 $PY benchmarks/bench_optimizers.py --device cuda --steps 50 --seed 0 --profile UNF-compiled \
+  --only UNF UNF-unfused UNF-compiled UNF-compiled-unfused PerParamMLP PerParamMLP-compiled DeepSet DeepSet-compiled \
+  2>&1 | tee "$OUT/bench_optimizers.txt"
 [ "${COMPARE:-0}" = 1 ] || exit 0
 timeout "${COMPARE_TIMEOUT:-1800}" $PY -m unf compare --task transformer-shakespeare --steps 2000 10000 --seeds 5 \
   --optimizer optimizers/weights/unf-transformer-shakespeare.safetensors \

@@ -38,14 +38,16 @@ def summary(err: BaseException) -> str:
 
 
 def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor, segments: Segments,
-                   compile: bool = False) -> StepFn:
+                   compile: bool = False, factored: Callable | None = None) -> StepFn:
     """:meth:`LearnedRule.update` on a group's state, every gradient present, ``lr`` a 0-d tensor; compiled with
-    ``torch.compile`` (static shapes) if ``compile``."""
+    ``torch.compile`` (static shapes) if ``compile``; ``f`` computed by ``factored`` if given (the fused kernels,
+    :func:`optimizers.fused.fused_forward`)."""
     if compile:
         segments = dataclasses.replace(segments, gather_broadcasts=True)  # (see Segments)
 
     def update(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        new_param, new, skipped = rule.update(param, grad, RuleState(momenta, step), segments, lr=lr)
+        new_param, new, skipped = rule.update(param, grad, RuleState(momenta, step), segments, lr=lr,
+                                              factored=factored)
         return new_param, new.momenta, new.step, skipped
 
     if not compile:

@@ -14,6 +14,7 @@ compute the same rule (to rounding), chosen once per group: on a CPU, :mod:`opti
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,6 +25,8 @@ from torch.optim import Optimizer
 from .compiled import StepFn, reference_step
 from .fast import fast_update, supports_fast_path
 from .features import Segments
+from .fused import available as fused_available
+from .fused import fused_forward
 from .graphs import GraphedStep, rule_key, wants_graph
 from .rule import N_MOMENTA, LearnedRule, RuleState
 from .small import small_update, supports_small_path
@@ -97,11 +100,14 @@ class LearnedOptimizer(Optimizer):
             parameters for the UNF rule), which for larger models costs more than the launches it saves.
         compile: run the whole-buffer step through ``torch.compile`` (fused kernels: the fastest choice on a GPU,
             after a one-time compilation; see :mod:`optimizers.compiled`).
+        fused: on a GPU, run ``f``'s per-element layers as fused Triton kernels (:mod:`optimizers.fused`; the same
+            results to float rounding). ``None`` (default): where Triton and a CUDA device are present and ``f``
+            is a family they cover; ``False``: never; ``True``: as ``None``, with a warning where it cannot apply.
     """
 
     def __init__(self, params: Iterable[Any], rule: LearnedRule, lr: float = 1.0,
                  segments_for: Callable[[list[torch.Tensor]], Segments] | None = None, cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool | None = None):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not isinstance(rule, LearnedRule):
@@ -111,6 +117,7 @@ class LearnedOptimizer(Optimizer):
         self._segments_for = segments_for
         self.cuda_graph = cuda_graph
         self.compile = bool(compile)
+        self.fused = fused
         self._flat: dict[int, _Flat] = {}
         for group in self.param_groups:
             for p in group["params"]:
@@ -219,10 +226,20 @@ class LearnedOptimizer(Optimizer):
 
     def _reference_fn(self, flat: _Flat) -> tuple[StepFn, tuple]:
         """The group's whole-buffer step (compiled if ``compile``) and what it depends on; made once per rule."""
-        key = (rule_key(self.rule), self.compile)
+        key = (rule_key(self.rule), self.compile, self.fused)
         hit = flat.workspace.get("reference")
         if hit is None or hit[1] != key:
-            fn = reference_step(self.rule, flat.momenta, flat.step, flat.segments, compile=self.compile)
+            factored = None
+            if self.fused is not False:
+                factored = fused_forward(self.rule.f) if fused_available(flat.momenta.device) else None
+                if factored is None and self.fused:
+                    warnings.warn(f"fused=True: the fused kernels do not apply here (device "
+                                  f"{flat.momenta.device}, Triton {'present' if fused_available('cuda') else 'missing'}"
+                                  f", f a {type(self.rule.f).__name__}); stepping unfused", RuntimeWarning,
+                                  stacklevel=3)
+            fn = reference_step(self.rule, flat.momenta, flat.step, flat.segments, compile=self.compile,
+                                factored=factored)
+            flat.workspace["fused"] = factored is not None
             hit = flat.workspace["reference"] = (fn, key)
         return hit
 

@@ -23,6 +23,7 @@ GPT-2 at 0.02).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,8 @@ class LearnedRule(nn.Module):
         return self.update(*args, **kwargs)
 
     def update(self, param: torch.Tensor, grad: torch.Tensor, state: RuleState, segments: Segments,
-               lr: float | torch.Tensor = 1.0, active: torch.Tensor | None = None
+               lr: float | torch.Tensor = 1.0, active: torch.Tensor | None = None,
+               factored: Callable[[torch.Tensor, torch.Tensor, Segments], torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, RuleState, torch.Tensor]:
         """One step on flat fp32 vectors. Returns ``(new_param, new_state, skipped)``.
 
@@ -146,7 +148,8 @@ class LearnedRule(nn.Module):
         updated = (self.decays().unsqueeze(-1) * state.momenta).add_(g.unsqueeze(-2))
         momenta = torch.lerp(state.momenta, updated, ok.unsqueeze(-2).to(updated.dtype))
         feature_momenta = momenta[..., 1:, :]
-        factored = getattr(self.f, "forward_factored", None)
+        if factored is None:
+            factored = getattr(self.f, "forward_factored", None)
         if factored is not None:  # the step channels are the same for every element: not materialised (N, 11)
             out = factored(tensor_features(param, g, feature_momenta, segments), step_encoding(state.step), segments)
         else:

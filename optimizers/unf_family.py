@@ -223,14 +223,14 @@ class UNFOptimizer(LearnedOptimizer):
         lr: multiplier on the learned step size.
         hidden, layers: DeepSet width and depth of a fresh rule.
         spec: use this spec instead of deriving one.
-        cuda_graph, compile: as for :class:`LearnedOptimizer` (replay the step as a CUDA graph on a GPU; compile
-            it with ``torch.compile``).
+        cuda_graph, compile, fused: as for :class:`LearnedOptimizer` (replay the step as a CUDA graph on a GPU;
+            compile it with ``torch.compile``; fused Triton kernels for the per-element layers).
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, rule: LearnedRule | None = None, lr: float = 1.0,
                  hidden: int = 32, layers: int = 3, spec: WeightSpaceSpec | None = None,
                  cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, fused: bool | None = None):
         spec = (spec or derive_spec(model, example_inputs)).parameters_only()
         named = dict(model.named_parameters())
         missing = [n for n in spec.sources if n not in named]
@@ -255,7 +255,7 @@ class UNFOptimizer(LearnedOptimizer):
             rule = rule.with_f(f)
         rule.f.bind(params)
         super().__init__(params, rule, lr=lr, segments_for=rule.f.segments, cuda_graph=cuda_graph,
-                         compile=compile)
+                         compile=compile, fused=fused)
         self.spec = spec
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

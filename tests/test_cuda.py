@@ -301,3 +301,69 @@ def test_compiled_graph_matches_the_eager_step(family):
         for p, q in zip(mc.parameters(), me.parameters()):  # the next gradients are the compiled model's
             q.data.copy_(p.data)
     assert isinstance(graph_of(oc), O.graphs.GraphedStep) and oc.nonfinite_skipped == oe.nonfinite_skipped == 1
+
+
+# ---------------------------------------------------------------------- fused Triton layers (optimizers.fused)
+def test_fused_checks_on_gpu():
+    """``tests/fused_checks.py`` (run on a CPU under Triton's interpreter by test_fused.py), compiled on the GPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "fused_checks.py"
+    module_spec = importlib.util.spec_from_file_location("fused_checks", path)
+    checks = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(checks)
+    checks.run_all("cuda")
+
+
+def fused_optimizers(family: str, settings: list[dict], seed: int = 0):
+    """Copies of the CNN, each with the optimizer (hidden width 32: the fused kernels apply) under ``settings``."""
+    x, y = data(seed)
+    x, y = x.to(CUDA), y.to(CUDA)
+    out = []
+    for kw in settings:
+        model = cnn(seed).to(CUDA)
+        if family == "unf":
+            spec = unf.derive_spec(model, x).parameters_only()
+            rule = randomized(O.LearnedRule(O.UNFFamily(spec, hidden=32)))
+            opt = O.UNFOptimizer(model, x, rule=rule, **kw)
+        else:
+            f = O.PerParamMLP(hidden=32) if family == "mlp" else O.DeepSet(hidden=32)
+            opt = O.LearnedOptimizer(model.parameters(), randomized(O.LearnedRule(f)), **kw)
+        out.append((model, opt))
+    return x, y, out
+
+
+@pytest.mark.parametrize("family", ["mlp", "deepset", "unf"])
+def test_fused_step_is_the_default_and_replays_bit_identically(family):
+    """The fused layers are used by default on a GPU; the graph replays the fused eager step bit for bit (LR
+    schedule, NaN/Inf gradients, a missing gradient), and both equal the unfused step to float rounding."""
+    x, y, runs = fused_optimizers(family, [{}, {"cuda_graph": False}, {"fused": False}])
+    scheds = [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.3) for _, opt in runs]
+    for i in range(8):
+        backward_both(runs[:2], x, y, edit={4: poison_nan_and_inf, 5: drop_bias_grad}.get(i))
+        for p, q in zip(runs[0][0].parameters(), runs[2][0].parameters()):
+            q.grad = None if p.grad is None else p.grad.clone()
+        for (_, opt), sched in zip(runs, scheds):
+            opt.step()
+            sched.step()
+        assert_same_state(runs[:2])
+        for p, q in zip(runs[0][0].parameters(), runs[2][0].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert runs[0][1]._flat[0].workspace["fused"] and runs[1][1]._flat[0].workspace["fused"]
+    assert not runs[2][1]._flat[0].workspace["fused"]
+    assert isinstance(graph_of(runs[0][1]), O.graphs.GraphedStep)
+
+
+@pytest.mark.parametrize("family", ["deepset", "unf"])
+def test_fused_and_compiled_step_matches_the_unfused_step(family):
+    """``compile=True`` with the fused layers (user Triton kernels inside the compiled step) steps as the unfused
+    eager step does, to float rounding."""
+    x, y, runs = fused_optimizers(family, [{"compile": True}, {"fused": False, "cuda_graph": False}])
+    for i in range(6):
+        backward_both(runs, x, y, edit={3: poison_nan}.get(i))
+        for _, opt in runs:
+            opt.step()
+        for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert runs[0][1]._flat[0].workspace["fused"]
