@@ -26,11 +26,13 @@ Triton's interpreter, ``tests/test_cuda.py`` on a GPU.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+from .compiled import summary
 from .families import DeepSet, PerParamMLP, _fold_shared
 from .features import Segments
 
@@ -190,6 +192,14 @@ def segment_sums(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     return _segment_rows(part, tree)[:, :c]
 
 
+def _precision(device: torch.device) -> str:
+    """:data:`PRECISION`, or "ieee" where tensor cores cannot take fp32 inputs (before Ampere; Triton's
+    interpreter on a CPU)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return PRECISION
+    return "ieee"
+
+
 def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segments: Segments,
                 store: bool = True, project: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
@@ -211,7 +221,7 @@ def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segm
         _layer_kernel[(n_blocks,)](
             x.contiguous(), weight.contiguous(), table.contiguous(), y, part, proj, out, seg_of, start, stop,
             n, table.shape[1], c_in, K_PAD=max(16, triton.next_power_of_2(c_in)), C_OUT=c_out, BLOCK_N=BLOCK,
-            STORE_Y=store, PROJECT=project is not None, PRECISION=PRECISION, num_warps=NUM_WARPS)
+            STORE_Y=store, PROJECT=project is not None, PRECISION=_precision(device), num_warps=NUM_WARPS)
     else:
         part.zero_()
     return (y if store else None), _segment_rows(part, tree), (out if project is not None else None)
@@ -273,7 +283,9 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
     """``f``'s factored forward (``(8, N)`` tensor features, ``(11,)`` step features, segments -> ``(N,)``) on the
     fused kernels, or None where they do not apply (another family, a hidden width that is not a power of two
     >= 16, no hidden layer). Reads ``f``'s weights at every call (meta-training updates them in place). The kernels
-    have no backward pass: where autograd would record, the function runs ``f``'s own forward instead."""
+    have no backward pass: where autograd would record, the function runs ``f``'s own forward instead. If the first
+    call fails (a GPU or Triton build the kernels do not compile for), it warns once and runs ``f``'s own forward
+    from then on."""
     from .unf_family import UNFFamily  # (unf_family imports the rule, which imports this module's users)
 
     if triton is None:
@@ -296,19 +308,34 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
     if not all(_width_ok(elem.weight.shape[0]) for elem, _ in hidden) or out[0].weight.shape[0] != 1:
         return None
     stack = _FusedStack(hidden, out, keep_hidden=isinstance(f, UNFFamily))
+    works: list[bool] = []  # set by the first call: whether the kernels compiled and ran here
+
+    def own(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
+        if hasattr(f, "forward_factored"):
+            return f.forward_factored(tensor_features, step_features, segments)
+        n = tensor_features.shape[-1]
+        return f(torch.cat([tensor_features.mT, step_features.expand(n, step_features.shape[-1])], -1), segments)
+
+    def fused(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
+        out, h = stack(tensor_features, step_features, segments)
+        if isinstance(f, UNFFamily):
+            out = out + f.unf_readout(h.mT)  # (h.mT of a channels-first buffer: the read-out's layout, no copy)
+        return out
 
     def forward(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
         if torch.is_grad_enabled() and (tensor_features.requires_grad or any(p.requires_grad for p in
                                                                              f.parameters())):
-            # the kernels have no backward: differentiable calls (meta-gradients) take the family's own forward
-            if hasattr(f, "forward_factored"):
-                return f.forward_factored(tensor_features, step_features, segments)
-            n = tensor_features.shape[-1]
-            return f(torch.cat([tensor_features.mT, step_features.expand(n, step_features.shape[-1])], -1),
-                     segments)
-        out, h = stack(tensor_features, step_features, segments)
-        if isinstance(f, UNFFamily):
-            out = out + f.unf_readout(h.mT)  # (h.mT of a channels-first buffer: the read-out's layout, no copy)
+            return own(tensor_features, step_features, segments)  # the kernels have no backward (meta-gradients)
+        if works:
+            return (fused if works[0] else own)(tensor_features, step_features, segments)
+        try:  # the first call compiles the kernels; a GPU or Triton build they fail on gets the unfused forward
+            out = fused(tensor_features, step_features, segments)
+        except Exception as err:
+            warnings.warn(f"the fused Triton layers failed on {tensor_features.device} ({summary(err)}); "
+                          "stepping unfused", RuntimeWarning, stacklevel=2)
+            works.append(False)
+            return own(tensor_features, step_features, segments)
+        works.append(True)
         return out
 
     return forward

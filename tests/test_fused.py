@@ -48,3 +48,27 @@ def test_fused_true_warns_where_the_kernels_cannot_apply():
             assert any("fused=True: the fused kernels do not apply here" in m for m in messages), messages
         else:
             assert not messages
+
+
+def test_a_failing_first_call_falls_back_to_the_unfused_forward(monkeypatch):
+    """Kernels that do not compile on a GPU or Triton build (simulated) warn once and leave ``f``'s own forward."""
+    pytest.importorskip("triton", reason="fused_forward is None without Triton")
+    from optimizers import fused
+    from optimizers.features import Segments, step_encoding
+
+    def broken(self, *args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(fused._FusedStack, "__call__", broken)
+    f = O.DeepSet(hidden=16)
+    seg = Segments.from_sizes([5, 7])
+    tf, sf = torch.randn(8, 12), step_encoding(torch.tensor(2.0))
+    forward = fused.fused_forward(f)
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="the fused Triton layers failed on cpu .*no kernel image"):
+            first = forward(tf, sf, seg)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            second = forward(tf, sf, seg)
+        want = f.forward_factored(tf, sf, seg)
+    assert torch.equal(first, want) and torch.equal(second, want)
