@@ -201,13 +201,13 @@ def _precision(device: torch.device) -> str:
 
 
 def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segments: Segments,
-                store: bool = True, project: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+                store: bool = True, project: torch.Tensor | None = None, sums: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``y = relu(weight @ x + table[:, segment])`` for channels-first ``x`` (C_in, N), ``weight`` (C_out, C_in),
-    ``table`` (C_out, T). Returns ``(y or None, segment sums of y (T, C_out), project @ y (N,) or None)``.
+    ``table`` (C_out, T). Returns ``(y or None, segment sums of y (T, C_out) or None, project @ y (N,) or None)``.
 
     ``store=False`` skips writing ``y`` (only its sums and projection are needed); ``project`` (C_out,) adds the
-    1-channel read-out ``project @ y``."""
+    1-channel read-out ``project @ y``; ``sums=False`` skips the segment sums (a layer without pooling next)."""
     c_in, n = x.shape
     c_out = weight.shape[0]
     device = x.device
@@ -224,7 +224,8 @@ def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segm
             STORE_Y=store, PROJECT=project is not None, PRECISION=_precision(device), num_warps=NUM_WARPS)
     else:
         part.zero_()
-    return (y if store else None), _segment_rows(part, tree), (out if project is not None else None)
+    return ((y if store else None), _segment_rows(part, tree) if sums else None,
+            (out if project is not None else None))
 
 
 def _width_ok(c: int) -> bool:
@@ -237,8 +238,8 @@ def _means(sums: torch.Tensor, segments: Segments) -> torch.Tensor:
 
 
 class _FusedStack:
-    """A stack of fused layers ``(weight, pool or None, bias)``, then a 1-channel read-out ``(weight, pool or
-    None, bias)``; the first layer folds in the step features (families' ``forward_factored``)."""
+    """A stack of fused layers ``(element linear, pooling linear or None)``, then a 1-channel read-out of the same
+    form; the first layer folds in the step features (as the families' ``forward_factored`` do)."""
 
     def __init__(self, hidden: list[tuple[nn.Linear, nn.Linear | None]], out: tuple[nn.Linear, nn.Linear | None],
                  keep_hidden: bool):
@@ -264,12 +265,11 @@ class _FusedStack:
             if pooled is not None:
                 table = table + pooled @ mean
             last = i == len(self.hidden) - 1
-            out_elem = self.out[0]
+            pools_next = (self.out if last else self.hidden[i + 1])[1] is not None
             y, sums, proj = fused_layer(x, weight, table, segments, store=not last or self.keep_hidden,
-                                        project=out_elem.weight[0] if last else None)
-            mean = _means(sums, segments)
-            x = y
-            h = y
+                                        project=self.out[0].weight[0] if last else None, sums=pools_next)
+            mean = _means(sums, segments) if pools_next else None
+            x = h = y
         out_elem, out_pool = self.out
         const = out_elem.bias.reshape(1, 1).expand(1, segments.n) if out_elem.bias is not None else None
         if out_pool is not None:
@@ -305,7 +305,8 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
         out = (linears[-1], None)
     else:
         return None
-    if not all(_width_ok(elem.weight.shape[0]) for elem, _ in hidden) or out[0].weight.shape[0] != 1:
+    if (not all(_width_ok(elem.weight.shape[0]) and elem.bias is not None for elem, _ in hidden)
+            or out[0].weight.shape[0] != 1):
         return None
     stack = _FusedStack(hidden, out, keep_hidden=isinstance(f, UNFFamily))
     works: list[bool] = []  # set by the first call: whether the kernels compiled and ran here

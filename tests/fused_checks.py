@@ -148,6 +148,8 @@ def check_layer_edges(device: str) -> None:
     torch.testing.assert_close(out, proj @ want, rtol=1e-5, atol=1e-4)
     none, sums2, out2 = fused_layer(x, w, table, seg, store=False, project=proj)
     assert none is None and torch.equal(sums2, sums) and torch.equal(out2, out)
+    y3, no_sums, _ = fused_layer(x, w, table, seg, sums=False)
+    assert no_sums is None and torch.equal(y3, y)
     torch.testing.assert_close(segment_sums(x, seg), torch.zeros(4, 8, device=device).index_add_(0, seg.ids, x.T),
                                rtol=1e-5, atol=1e-4)
     # the tree that sums block rows by segment: several levels, empty segments, a segment of exactly CHUNK rows
