@@ -26,6 +26,7 @@ Triton's interpreter, ``tests/test_cuda.py`` on a GPU.
 
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from collections.abc import Callable
 
@@ -36,12 +37,9 @@ from .compiled import summary
 from .families import DeepSet, PerParamMLP, _fold_shared
 from .features import Segments
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the fused path is optional: without Triton every family runs unfused
-    triton = None
-    tl = None
+#: whether Triton is installed (the fused path is optional: without it every family runs unfused); the kernels
+#: module imports it on first use
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 __all__ = ["available", "fused_forward", "fused_layer", "segment_sums", "BLOCK"]
 
@@ -59,62 +57,28 @@ FactoredForward = Callable[[torch.Tensor, torch.Tensor, Segments], torch.Tensor]
 def available(device: torch.device | str) -> bool:
     """Whether the fused kernels can run on ``device``: Triton importable and a CUDA device (on a CPU, Triton's
     interpreter runs them too, for the tests, but slowly)."""
-    return triton is not None and torch.device(device).type == "cuda"
-
-
-if triton is not None:
-    @triton.jit
-    def _layer_kernel(x_ptr, w_ptr, table_ptr, y_ptr, part_ptr, proj_ptr, out_ptr, blk_seg_ptr, blk_start_ptr,
-                      blk_stop_ptr, N, T, C_IN, K_PAD: tl.constexpr, C_OUT: tl.constexpr,
-                      BLOCK_N: tl.constexpr, STORE_Y: tl.constexpr, PROJECT: tl.constexpr,
-                      PRECISION: tl.constexpr):
-        pid = tl.program_id(0)
-        seg = tl.load(blk_seg_ptr + pid)
-        start = tl.load(blk_start_ptr + pid)
-        stop = tl.load(blk_stop_ptr + pid)
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        inside = cols < stop
-        k = tl.arange(0, K_PAD)
-        o = tl.arange(0, C_OUT)
-        x = tl.load(x_ptr + k[:, None].to(tl.int64) * N + cols[None, :], mask=(k[:, None] < C_IN) & inside[None, :],
-                    other=0.0)
-        w = tl.load(w_ptr + o[:, None] * C_IN + k[None, :], mask=k[None, :] < C_IN, other=0.0)
-        y = tl.dot(w, x, input_precision=PRECISION)
-        c = tl.load(table_ptr + o * T + seg)
-        y = tl.maximum(y + c[:, None], 0.0)
-        y = tl.where(inside[None, :], y, 0.0)
-        if STORE_Y:
-            tl.store(y_ptr + o[:, None].to(tl.int64) * N + cols[None, :], y, mask=inside[None, :])
-        tl.store(part_ptr + pid * C_OUT + o, tl.sum(y, axis=1))
-        if PROJECT:
-            p = tl.load(proj_ptr + o)
-            tl.store(out_ptr + cols, tl.sum(y * p[:, None], axis=0), mask=inside)
-
-    @triton.jit
-    def _block_sum_kernel(x_ptr, part_ptr, blk_start_ptr, blk_stop_ptr, N, C_IN, K_PAD: tl.constexpr,
-                          BLOCK_N: tl.constexpr):
-        pid = tl.program_id(0)
-        start = tl.load(blk_start_ptr + pid)
-        stop = tl.load(blk_stop_ptr + pid)
-        cols = start + tl.arange(0, BLOCK_N).to(tl.int64)
-        k = tl.arange(0, K_PAD)
-        x = tl.load(x_ptr + k[:, None].to(tl.int64) * N + cols[None, :],
-                    mask=(k[:, None] < C_IN) & (cols < stop)[None, :], other=0.0)
-        tl.store(part_ptr + pid * K_PAD + k, tl.sum(x, axis=1))
-
-    @triton.jit
-    def _rows_sum_kernel(in_ptr, out_ptr, row_start_ptr, row_stop_ptr, C: tl.constexpr, CHUNK: tl.constexpr):
-        pid = tl.program_id(0)
-        start = tl.load(row_start_ptr + pid)
-        stop = tl.load(row_stop_ptr + pid)
-        rows = start + tl.arange(0, CHUNK)
-        o = tl.arange(0, C)
-        v = tl.load(in_ptr + rows[:, None] * C + o[None, :], mask=(rows < stop)[:, None], other=0.0)
-        tl.store(out_ptr + pid * C + o, tl.sum(v, axis=0))
+    return HAS_TRITON and torch.device(device).type == "cuda"
 
 
 #: rows of block sums one program of the segment-sum tree adds up
 CHUNK = 128
+
+
+_KERNELS = None
+
+
+def _kernels():
+    """:mod:`optimizers._fused_kernels`, imported (with Triton) on first use (a global afterwards: traced by
+    ``torch.compile`` as a constant, no import statement in the traced step)."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import _fused_kernels
+        _KERNELS = _fused_kernels
+    return _KERNELS
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def _tree(counts: list[int], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,7 +138,7 @@ def _segment_rows(part: torch.Tensor, tree: list[tuple[torch.Tensor, torch.Tenso
     """Per-block rows (n_blocks, C), grouped by segment -> per-segment sums (T, C), by the tree's launches."""
     for start, stop in tree:
         out = part.new_empty(start.numel(), part.shape[1])
-        _rows_sum_kernel[(start.numel(),)](part, out, start, stop, C=part.shape[1], CHUNK=CHUNK)
+        _kernels().rows_sum_kernel[(start.numel(),)](part, out, start, stop, C=part.shape[1], CHUNK=CHUNK)
         part = out
     return part
 
@@ -183,10 +147,11 @@ def segment_sums(x: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Segment sums of channels-first ``x`` (C, N) -> (T, C), in a fixed order (the kernels' blocks, then a tree)."""
     c, n = x.shape
     _, start, stop, tree = _blocks(segments, x.device)
-    k_pad = triton.next_power_of_2(c)
+    k_pad = _next_power_of_2(c)
     part = x.new_empty(max(start.numel(), 1), k_pad)
     if start.numel():
-        _block_sum_kernel[(start.numel(),)](x.contiguous(), part, start, stop, n, c, K_PAD=k_pad, BLOCK_N=BLOCK)
+        _kernels().block_sum_kernel[(start.numel(),)](x.contiguous(), part, start, stop, n, c, K_PAD=k_pad,
+                                                      BLOCK_N=BLOCK)
     else:
         part.zero_()
     return _segment_rows(part, tree)[:, :c]
@@ -218,9 +183,9 @@ def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segm
     out = torch.empty(n, device=device, dtype=torch.float32) if project is not None else x
     proj = project.contiguous() if project is not None else weight
     if n_blocks:
-        _layer_kernel[(n_blocks,)](
+        _kernels().layer_kernel[(n_blocks,)](
             x.contiguous(), weight.contiguous(), table.contiguous(), y, part, proj, out, seg_of, start, stop,
-            n, table.shape[1], c_in, K_PAD=max(16, triton.next_power_of_2(c_in)), C_OUT=c_out, BLOCK_N=BLOCK,
+            n, table.shape[1], c_in, K_PAD=max(16, _next_power_of_2(c_in)), C_OUT=c_out, BLOCK_N=BLOCK,
             STORE_Y=store, PROJECT=project is not None, PRECISION=_precision(device), num_warps=NUM_WARPS)
     else:
         part.zero_()
@@ -288,7 +253,7 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
     from then on."""
     from .unf_family import UNFFamily  # (unf_family imports the rule, which imports this module's users)
 
-    if triton is None:
+    if not HAS_TRITON:
         return None
     ds = f.deepset if isinstance(f, UNFFamily) else f
     if isinstance(ds, DeepSet):
