@@ -37,6 +37,28 @@ def summary(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
+def fallback_after_failure(primary: Callable, fallback: Callable, message: Callable[..., str],
+                           stacklevel: int) -> Callable:
+    """``primary``, unless its first call raises: then a warning (``message(err, *args)``) and ``fallback`` for
+    that call and every later one. For a pure ``primary`` whose first call compiles (a failed one changed
+    nothing), so a step is never lost to a compiler that does not work here."""
+    chosen: list[Callable] = []
+
+    def call(*args):
+        if chosen:
+            return chosen[0](*args)
+        try:
+            out = primary(*args)
+        except Exception as err:  # no compiler, an unsupported op, a GPU the kernels do not build for, ...
+            warnings.warn(message(err, *args), RuntimeWarning, stacklevel=stacklevel)
+            chosen.append(fallback)
+            return fallback(*args)
+        chosen.append(primary)
+        return out
+
+    return call
+
+
 def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor, segments: Segments,
                    compile: bool = False, factored: Callable | None = None) -> StepFn:
     """:meth:`LearnedRule.update` on a group's state, every gradient present, ``lr`` a 0-d tensor; compiled with
@@ -62,19 +84,6 @@ def reference_step(rule: LearnedRule, momenta: torch.Tensor, step: torch.Tensor,
     code = update.__code__.replace()
     fresh = types.FunctionType(code, update.__globals__, update.__name__, update.__defaults__, update.__closure__)
     compiled = torch.compile(fresh, dynamic=False)
-    chosen: list[StepFn] = []
-
-    def step_fn(param: torch.Tensor, grad: torch.Tensor, lr: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if chosen:
-            return chosen[0](param, grad, lr)
-        try:  # the first call compiles; the update is pure, so a failed compilation changed nothing
-            out = compiled(param, grad, lr)
-        except Exception as err:  # no compiler, an unsupported op, ...: the eager step, never a failed step
-            warnings.warn(f"torch.compile of the learned optimizer's step failed ({summary(err)}); stepping "
-                          "without compiling", RuntimeWarning, stacklevel=4)
-            chosen.append(update)
-            return update(param, grad, lr)
-        chosen.append(compiled)
-        return out
-
-    return step_fn
+    # the first call compiles; on failure the eager step, never a failed step
+    return fallback_after_failure(compiled, update, lambda err, *_: f"torch.compile of the learned optimizer's "
+                                  f"step failed ({summary(err)}); stepping without compiling", stacklevel=4)

@@ -27,13 +27,12 @@ Triton's interpreter, ``tests/test_cuda.py`` on a GPU.
 from __future__ import annotations
 
 import importlib.util
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .compiled import summary
+from .compiled import fallback_after_failure, summary
 from .families import DeepSet, PerParamMLP, _fold_shared
 from .features import Segments
 
@@ -108,18 +107,13 @@ def _blocks(segments: Segments, device: torch.device) -> tuple:
     key = ("fused_blocks", BLOCK, device)
     hit = segments._cache.get(key)
     if hit is None:
-        if segments.sizes is not None:
-            bounds, offset = [], 0
-            ids = segments.run_segments or range(len(segments.sizes))
-            for seg, size in zip(ids, segments.sizes):
-                bounds.append((seg, offset, offset + size))
-                offset += size
-        else:  # no run table (more runs than Segments records): find the runs from the ids
-            ids = segments.ids.cpu()
-            starts = torch.cat([torch.zeros(1, dtype=torch.int64),
-                                torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1]).tolist() if ids.numel() else []
-            stops = starts[1:] + [ids.numel()]
-            bounds = [(int(ids[a]), a, b) for a, b in zip(starts, stops)]
+        runs = segments
+        if runs.sizes is None and runs.ids.numel():  # more runs than Segments records: find them all
+            runs = Segments.from_ids(runs.ids.cpu(), runs.n, max_runs=runs.ids.numel())
+        bounds, offset = [], 0
+        for seg, size in zip(runs.run_segments or range(len(runs.sizes or ())), runs.sizes or ()):
+            bounds.append((seg, offset, offset + size))
+            offset += size
         per_seg: list[list[tuple[int, int]]] = [[] for _ in range(segments.n)]
         for seg, a, b in bounds:
             per_seg[seg].extend((s, min(s + BLOCK, b)) for s in range(a, b, BLOCK))
@@ -274,7 +268,6 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
             or out[0].weight.shape[0] != 1):
         return None
     stack = _FusedStack(hidden, out, keep_hidden=isinstance(f, UNFFamily))
-    works: list[bool] = []  # set by the first call: whether the kernels compiled and ran here
 
     def own(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
         if hasattr(f, "forward_factored"):
@@ -288,20 +281,14 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
             out = out + f.unf_readout(h.mT)  # (h.mT of a channels-first buffer: the read-out's layout, no copy)
         return out
 
+    # the first call compiles the kernels; a GPU or Triton build they fail on gets the unfused forward
+    guarded = fallback_after_failure(fused, own, lambda err, tf, *_: f"the fused Triton layers failed on "
+                                     f"{tf.device} ({summary(err)}); stepping unfused", stacklevel=3)
+
     def forward(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
         if torch.is_grad_enabled() and (tensor_features.requires_grad or any(p.requires_grad for p in
                                                                              f.parameters())):
             return own(tensor_features, step_features, segments)  # the kernels have no backward (meta-gradients)
-        if works:
-            return (fused if works[0] else own)(tensor_features, step_features, segments)
-        try:  # the first call compiles the kernels; a GPU or Triton build they fail on gets the unfused forward
-            out = fused(tensor_features, step_features, segments)
-        except Exception as err:
-            warnings.warn(f"the fused Triton layers failed on {tensor_features.device} ({summary(err)}); "
-                          "stepping unfused", RuntimeWarning, stacklevel=2)
-            works.append(False)
-            return own(tensor_features, step_features, segments)
-        works.append(True)
-        return out
+        return guarded(tensor_features, step_features, segments)
 
     return forward

@@ -25,8 +25,8 @@ from torch.optim import Optimizer
 from .compiled import StepFn, reference_step
 from .fast import fast_update, supports_fast_path
 from .features import Segments
+from .fused import HAS_TRITON, fused_forward
 from .fused import available as fused_available
-from .fused import fused_forward
 from .graphs import GraphedStep, rule_key, wants_graph
 from .rule import N_MOMENTA, LearnedRule, RuleState
 from .small import small_update, supports_small_path
@@ -234,7 +234,7 @@ class LearnedOptimizer(Optimizer):
                 factored = fused_forward(self.rule.f) if fused_available(flat.momenta.device) else None
                 if factored is None and self.fused:
                     warnings.warn(f"fused=True: the fused kernels do not apply here (device "
-                                  f"{flat.momenta.device}, Triton {'present' if fused_available('cuda') else 'missing'}"
+                                  f"{flat.momenta.device}, Triton {'present' if HAS_TRITON else 'missing'}"
                                   f", f a {type(self.rule.f).__name__}); stepping unfused", RuntimeWarning,
                                   stacklevel=3)
             fn = reference_step(self.rule, flat.momenta, flat.step, flat.segments, compile=self.compile,
