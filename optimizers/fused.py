@@ -49,6 +49,8 @@ NUM_WARPS = 4
 #: ``tl.dot``'s precision: "ieee" (fp32 multiply-adds) or "tf32x3" (tensor cores, three passes: fp32-level
 #: accuracy); ``benchmarks/bench_fused.py`` times both and reports their errors
 PRECISION = "tf32x3"
+#: rows of block sums one program of the segment-sum tree adds up
+CHUNK = 128
 
 FactoredForward = Callable[[torch.Tensor, torch.Tensor, Segments], torch.Tensor]
 
@@ -57,10 +59,6 @@ def available(device: torch.device | str) -> bool:
     """Whether the fused kernels can run on ``device``: Triton importable and a CUDA device (on a CPU, Triton's
     interpreter runs them too, for the tests, but slowly)."""
     return HAS_TRITON and torch.device(device).type == "cuda"
-
-
-#: rows of block sums one program of the segment-sum tree adds up
-CHUNK = 128
 
 
 _KERNELS = None
@@ -110,13 +108,11 @@ def _blocks(segments: Segments, device: torch.device) -> tuple:
         runs = segments
         if runs.sizes is None and runs.ids.numel():  # more runs than Segments records: find them all
             runs = Segments.from_ids(runs.ids.cpu(), runs.n, max_runs=runs.ids.numel())
-        bounds, offset = [], 0
-        for seg, size in zip(runs.run_segments or range(len(runs.sizes or ())), runs.sizes or ()):
-            bounds.append((seg, offset, offset + size))
-            offset += size
         per_seg: list[list[tuple[int, int]]] = [[] for _ in range(segments.n)]
-        for seg, a, b in bounds:
-            per_seg[seg].extend((s, min(s + BLOCK, b)) for s in range(a, b, BLOCK))
+        a = 0
+        for seg, size in zip(runs.run_segments or range(len(runs.sizes or ())), runs.sizes or ()):
+            per_seg[seg].extend((s, min(s + BLOCK, a + size)) for s in range(a, a + size, BLOCK))
+            a += size
         seg_of, start, stop = [], [], []
         for seg, blocks in enumerate(per_seg):
             seg_of += [seg] * len(blocks)
