@@ -7,8 +7,9 @@ Two kinds of data:
   ``mnist1d`` generated locally (:func:`make_mnist1d`), and real Fashion-MNIST / CIFAR-10 files in a directory
   the user points to (:func:`load_fashion_mnist`, :func:`load_cifar10`).
 * :class:`TextData` — a token stream (char- or byte-level) with a train and a validation split, by work or by
-  contiguous blocks. Sources: the Shakespeare slice shipped in this package (:func:`load_shakespeare`) or any
-  text file or folder of text files (:func:`load_text`).
+  contiguous blocks. Sources: the Shakespeare slice shipped in this package (:func:`load_shakespeare`), a
+  synthetic corpus generated from a seed (:func:`load_synthetic_words`), or any text file or folder of text files
+  (:func:`load_text`).
 
 Nothing here downloads anything. Batches are sampled i.i.d. with an explicit ``torch.Generator`` so that every
 draw is reproducible from a seed.
@@ -52,6 +53,8 @@ __all__ = [
     "load_text",
     "load_shakespeare",
     "shakespeare_slice_path",
+    "synthetic_words_text",
+    "load_synthetic_words",
 ]
 
 Split = Literal["train", "test"]
@@ -583,3 +586,63 @@ def load_shakespeare(tokenizer: Literal["char", "byte"] = "char", valid_works: i
     text = resource.read_text(encoding="ascii")
     return _text_data(f"shakespeare-{tokenizer}", text, tokenizer, "works", valid_works, 0.1, 0, WORK_SEPARATOR,
                       str(resource))
+
+
+_VOWELS, _CONSONANTS = "aeiouy", "bcdfghjklmnprstvwz"
+
+
+def synthetic_words_text(n_chars: int = 300_000, n_words: int = 400, seed: int = 0) -> str:
+    """A synthetic English-like corpus, generated from ``seed`` (no file, no download).
+
+    Pronounceable pseudo-words (alternating consonants and vowels, 1–9 letters) with Zipfian frequencies; each word
+    has a few preferred successors (a sparse word-bigram model, followed 70% of the time), sentences of geometric
+    length with a capital first letter, commas and ``.?!``, lines of a few sentences and blank-line paragraphs. So a
+    char-level model has structure to learn at several scales (letters within words, word pairs, punctuation), as in
+    natural text, while its words are not those of any real corpus (a few short ones happen to be words). Drawn with
+    Python's ``random.Random(seed)``: the same text on every machine for a given Python; Python promises only
+    ``random()``'s sequence across versions, so a test pins a checksum of the default corpus (the shipped
+    ``unf-mnist1d-synthlm`` weights were fitted on it).
+    """
+    if n_chars < 1000 or n_words < 10:
+        raise ValueError(f"synthetic_words_text needs n_chars >= 1000 and n_words >= 10, got {n_chars}, {n_words}")
+    rng = random.Random(seed)
+    words: list[str] = []
+    seen: set[str] = set()
+    while len(words) < n_words:
+        length = rng.choice((1, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 6, 6, 7, 8, 9))
+        start = rng.random() < 0.5
+        word = "".join(rng.choice(_CONSONANTS if (i % 2 == 0) == start else _VOWELS) for i in range(length))
+        if word not in seen:
+            seen.add(word)
+            words.append(word)
+    zipf = [1.0 / (rank + 1) for rank in range(n_words)]
+    successors = [rng.choices(range(n_words), weights=zipf, k=4) for _ in range(n_words)]
+    out: list[str] = []
+    size, word = 0, rng.choices(range(n_words), weights=zipf)[0]
+    while size < n_chars:
+        sentence = []
+        while True:
+            sentence.append(words[word])
+            word = (rng.choice(successors[word]) if rng.random() < 0.7
+                    else rng.choices(range(n_words), weights=zipf)[0])
+            if rng.random() < 0.1:
+                break
+            if rng.random() < 0.08:
+                sentence[-1] += ","
+        text = " ".join(sentence)
+        text = text[0].upper() + text[1:] + rng.choice(".....?!")
+        r = rng.random()
+        text += "\n\n" if r < 0.03 else "\n" if r < 0.2 else " "
+        out.append(text)
+        size += len(text)
+    return "".join(out)[:n_chars]
+
+
+@functools.lru_cache(maxsize=4)
+def load_synthetic_words(n_chars: int = 300_000, seed: int = 0) -> TextData:
+    """:func:`synthetic_words_text` as char-level :class:`TextData`, every 10th block of 16,384 characters held out
+    for validation. An LM corpus that is not Shakespeare, for training learned optimizers on language models
+    while the Shakespeare LM tasks stay held out."""
+    text = synthetic_words_text(n_chars, seed=seed)
+    return _text_data(f"synthetic-words-{seed}", text, "char", "blocks", 1, 0.1, 16384, WORK_SEPARATOR,
+                      "synthetic_words_text")

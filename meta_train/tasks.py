@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .data import ClassificationData, TextData, load_digits, load_shakespeare, make_mnist1d
+from .data import ClassificationData, TextData, load_digits, load_shakespeare, load_synthetic_words, make_mnist1d
 from .data import cifar10_16x16 as _cifar10_16x16
 from .data import fashion_mnist_8x8 as _fashion_mnist_8x8
 
@@ -373,7 +373,8 @@ def load_classification_data(name: str | ClassificationData, data_dir: str | Non
 
 
 def load_text_data(name: str | TextData) -> TextData:
-    """A text corpus by name: ``shakespeare`` (char-level) or ``shakespeare-bytes``. A ``TextData`` passes through
+    """A text corpus by name: ``shakespeare`` (char-level), ``shakespeare-bytes`` or ``synthetic-words`` (char-level,
+    :func:`meta_train.data.load_synthetic_words`). A ``TextData`` passes through
     (use :func:`meta_train.data.load_text` for your own files)."""
     if isinstance(name, TextData):
         return name
@@ -381,8 +382,10 @@ def load_text_data(name: str | TextData) -> TextData:
         return load_shakespeare("char")
     if name == "shakespeare-bytes":
         return load_shakespeare("byte")
-    raise ValueError(f"unknown text dataset {name!r}; choose 'shakespeare' or 'shakespeare-bytes', or pass a "
-                     "TextData from meta_train.data.load_text")
+    if name == "synthetic-words":
+        return load_synthetic_words()
+    raise ValueError(f"unknown text dataset {name!r}; choose 'shakespeare', 'shakespeare-bytes' or "
+                     "'synthetic-words', or pass a TextData from meta_train.data.load_text")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -643,6 +646,9 @@ for _name, _factory, _defaults in [
     ("cnn-cifar16", cnn_task, {"dataset": "cifar10-16x16"}),
     ("rnn-shakespeare", rnn_lm_task, {}),
     ("transformer-shakespeare", transformer_lm_task, {}),
+    # a smaller GPT-2 on another corpus: a language model to train learned optimizers on while the Shakespeare LMs
+    # (other width, other data) stay held out
+    ("transformer-synthwords-d16", transformer_lm_task, {"dataset": "synthetic-words", "d_model": 16}),
 ]:
     register_task(_name, _named(_factory, _name, **_defaults))
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import random
 import struct
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,13 @@ from meta_train.data import (
     load_digits,
     load_fashion_mnist,
     load_shakespeare,
+    load_synthetic_words,
     load_text,
     make_mnist1d,
     read_idx,
     resize_images,
     shakespeare_slice_path,
+    synthetic_words_text,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,6 +316,25 @@ def test_text_sample_windows():
         assert data.tokenizer.decode(torch.cat([row, nxt[-1:]])) in valid_text
     with pytest.raises(ValueError, match="fewer than"):
         data.sample(None, 1, data.valid.numel() + 5, split="valid")
+
+
+def test_synthetic_words_corpus_is_reproducible_and_text_like():
+    text = synthetic_words_text(20_000, seed=3)
+    assert text == synthetic_words_text(20_000, seed=3) and len(text) == 20_000
+    assert text != synthetic_words_text(20_000, seed=4)
+    sentences = [s for s in text.replace("?", ".").replace("!", ".").split(".") if s.strip()]
+    assert len(sentences) > 100 and all(s.strip()[0].isupper() for s in sentences[:-1])
+    words = text.lower().replace(",", " ").replace(".", " ").replace("?", " ").replace("!", " ").split()
+    counts = sorted(Counter(words).values(), reverse=True)
+    assert 50 < len(counts) <= 400 and counts[0] > 10 * counts[len(counts) // 2]  # Zipf-like: a few frequent words
+    data = load_synthetic_words()
+    assert data is load_synthetic_words() and data.vocab_size < 60
+    assert 0.05 < data.valid.numel() / (data.train.numel() + data.valid.numel()) < 0.15
+    with pytest.raises(ValueError, match="n_chars"):
+        synthetic_words_text(10)
+    # the default corpus, which the shipped unf-mnist1d-synthlm weights were fitted on, is pinned: Python promises
+    # only random()'s sequence across versions, and choice()/choices() are built on it
+    assert hashlib.sha256(synthetic_words_text().encode()).hexdigest()[:16] == "955f22bf9ab0e517"
 
 
 def test_shakespeare_slice_is_shipped():

@@ -30,7 +30,8 @@ from tests.test_meta_data import write_cifar10, write_fashion_mnist
 
 OFFLINE_TASKS = ["mlp-digits", "mlp-mnist1d", "mlp-mnist1d-w128", "mlp-mnist1d-tanh", "mlp-mnist1d-deep",
                  "mlp-digits-w128", "mlp-digits-tanh", "mlp-digits-deep",
-                 "cnn-digits", "cnn-digits16", "rnn-shakespeare", "transformer-shakespeare"]
+                 "cnn-digits", "cnn-digits16", "rnn-shakespeare", "transformer-shakespeare",
+                 "transformer-synthwords-d16"]
 # plain-SGD learning rates under which each task's loss falls clearly within 50 steps
 SGD_LR = {"mlp": 0.1, "cnn": 0.5, "rnn": 0.05, "transformer": 0.5}
 
@@ -182,6 +183,19 @@ def test_paper_lm_shapes():
     assert x.shape == y.shape == (8, 8)
     # with random parameters near zero the model predicts roughly uniformly
     assert abs(float(tf.loss(tf.init(torch.Generator().manual_seed(0)), (x, y))) - math.log(vocab)) < 0.5
+
+
+def test_synthetic_lm_task_is_a_smaller_gpt2_on_another_corpus():
+    tf = cached_task("transformer-synthwords-d16")
+    assert (tf.model.config.n_layer, tf.model.config.n_embd, tf.model.config.n_head) == (2, 16, 4)
+    assert tf.data.name == "synthetic-words-0"
+    def words(data, n):
+        text = data.tokenizer.decode(data.train[:n]).lower()
+        return {w.strip(",.?!;:'-") for w in text.split()} - {""}
+
+    synthetic, shakespeare = words(tf.data, 20_000), words(cached_task("transformer-shakespeare").data, 200_000)
+    # another corpus: pseudo-words, a few of which happen to be short English words
+    assert len(synthetic) > 100 and len(synthetic & shakespeare) < 0.2 * len(synthetic)
 
 
 def test_tasks_on_real_formats(tmp_path):

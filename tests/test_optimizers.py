@@ -437,6 +437,20 @@ def test_shipped_weights_load_and_train():
         assert info["config"]["family"] in ("mlp", "deepset", "unf") and "task" in info["info"]
 
 
+def test_every_shipped_weights_file_has_a_valid_config():
+    from meta_train.loop import load_config
+
+    for name in O.available():
+        cfg = load_config(O.registry.WEIGHTS_DIR / "configs" / f"{name}.toml")  # validated: errors name the field
+        assert cfg.run_dir == f"runs/{name}", name
+        rule = O.load_rule(O.registry.WEIGHTS_DIR / f"{name}.safetensors")
+        assert rule.scale_floor == (cfg.scale_floor or None), name
+        trained_on = f"family:{cfg.task_family}" if cfg.task_family else cfg.task
+        assert O.registry.weights_info(name)["info"]["task"] == trained_on, name
+    configs = {p.stem for p in (O.registry.WEIGHTS_DIR / "configs").glob("*.toml")}
+    assert configs == set(O.available())
+
+
 def compiled_and_eager(make_opt, steps: int = 6):
     """Train two copies, one optimizer with ``compile=True``; return both models and optimizers."""
     x, y = batch()
