@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import gzip
 import importlib.resources
+import itertools
 import pickle
 import random
 import struct
@@ -615,16 +616,17 @@ def synthetic_words_text(n_chars: int = 300_000, n_words: int = 400, seed: int =
         if word not in seen:
             seen.add(word)
             words.append(word)
-    zipf = [1.0 / (rank + 1) for rank in range(n_words)]
-    successors = [rng.choices(range(n_words), weights=zipf, k=4) for _ in range(n_words)]
+    # cumulative Zipf weights, accumulated once (``choices`` would redo it on every draw; same draws either way)
+    zipf = list(itertools.accumulate(1.0 / (rank + 1) for rank in range(n_words)))
+    successors = [rng.choices(range(n_words), cum_weights=zipf, k=4) for _ in range(n_words)]
     out: list[str] = []
-    size, word = 0, rng.choices(range(n_words), weights=zipf)[0]
+    size, word = 0, rng.choices(range(n_words), cum_weights=zipf)[0]
     while size < n_chars:
         sentence = []
         while True:
             sentence.append(words[word])
             word = (rng.choice(successors[word]) if rng.random() < 0.7
-                    else rng.choices(range(n_words), weights=zipf)[0])
+                    else rng.choices(range(n_words), cum_weights=zipf)[0])
             if rng.random() < 0.1:
                 break
             if rng.random() < 0.08:
