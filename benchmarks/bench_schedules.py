@@ -29,6 +29,8 @@ from meta_train.compare import _adam, _inits, _population, _stats, final_loss
 from meta_train.estimators import FlatProblem
 from meta_train.imitate import ScheduledNormalizedMomentum
 from meta_train.tasks import get_task
+from optimizers.features import segment_mul
+from optimizers.rule import param_scale
 
 
 def _pairs(values: list[str]) -> list[tuple[float, float]]:
@@ -41,23 +43,55 @@ def adam_inverse_time(pairs: list[tuple[float, float]], seeds: int):
     return _adam(lr, schedule=lambda t: 1 / (1 + t / tau))
 
 
-def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, **options):
-    """The teacher at every ``(lr, tau)`` pair; ``options``: its other fields (``snr_decay``, ...), shared."""
+def teacher(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, precondition: float | None = None,
+            **options):
+    """The teacher at every ``(lr, tau)`` pair; ``options``: its other fields (``snr_decay``, ...), shared.
+
+    ``precondition`` (a decay ``beta2``, e.g. 0.999): the teacher reads Adam-preconditioned gradients
+    ``g / (sqrt(v_hat) + 1e-8)`` (``v`` Adam's bias-corrected second moment) instead of ``g``, everywhere (its
+    momenta and its self-annealing cosine): a diagnostic of whether per-element second moments, which the rule's
+    features lack, would help a teacher (and so a rule that imitates it)."""
     unit = ScheduledNormalizedMomentum(lr=1.0, tau=1e30, **options)  # its direction at step size 1
     lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
     tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
     decays = unit.decays()  # the rule's momenta, which the teacher reads
 
     def init(w):
-        return torch.zeros(w.shape[0], len(decays), w.shape[1]), 0
+        return torch.zeros(w.shape[0], len(decays), w.shape[1]), torch.zeros_like(w), 0
 
     def update(w, g, state):
-        momenta, t = state
+        momenta, v, t = state
+        if precondition is not None:
+            v = precondition * v + (1 - precondition) * g * g
+            g = g / ((v / (1 - precondition ** (t + 1))).sqrt() + 1e-8)
         momenta = decays * momenta + g[:, None]
         # the teacher's step size at step t (0-based): lr / (1 + (t + 1) / tau)
         change = unit.update(momenta, g, torch.zeros(g.shape[0]), problem.segments, param=w)
         change = change * (lr / (1 + (t + 1) / tau))
-        return w + change, (momenta, t + 1)
+        return w + change, (momenta, v, t + 1)
+
+    return init, update
+
+
+def adam_relative(pairs: list[tuple[float, float]], seeds: int, problem: FlatProblem, scale_floor: float):
+    """Adam (betas 0.9, 0.999, eps 1e-8) with *relative* steps: each segment's step is multiplied by its parameter
+    scale ``max(std(W), scale_floor)`` (as the relative teacher's and rule's are), with step size
+    ``lr / (1 + t / tau)`` per ``(lr, tau)`` pair. A diagnostic: Adam's own per-element rule, with a step size
+    that is a fraction of the weights' spread, as a teacher a rule with second-moment features could imitate."""
+    lr = torch.tensor([p[0] for p in pairs]).repeat(seeds)[:, None]
+    tau = torch.tensor([p[1] for p in pairs]).repeat(seeds)[:, None]
+
+    def init(w):
+        return torch.zeros_like(w), torch.zeros_like(w), 0
+
+    def update(w, g, state):
+        m, v, t = state
+        t += 1
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        direction = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+        direction = segment_mul(direction, param_scale(w, problem.segments, scale_floor), problem.segments, dim=-1)
+        return w - direction * (lr / (1 + t / tau)), (m, v, t)
 
     return init, update
 

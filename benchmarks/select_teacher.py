@@ -1,7 +1,7 @@
 """Select an imitation teacher's settings on meta-training tasks only (never on the held-out tasks).
 
     python benchmarks/select_teacher.py [--seeds 5] [--steps 2000 10000] [--tasks TASK ...]
-        [--candidates ... | --relative]
+        [--candidates ... | --relative] [--precondition BETA2 | --adam-relative FLOOR] [--cache DIR]
 
 The selection tasks are the meta-training task ``mlp-mnist1d`` and three members of the ``mlp-mnist1d-relu`` family
 (ReLU MLPs of width <= 64 on mnist1d, which the held-out tasks - width 128, tanh, depth 3, digits, the LM - are
@@ -11,6 +11,12 @@ settings ``lr:tau:snr_decay:snr_power:softness``, optionally ``:scale_floor`` fo
 with the same protocol (same initialisations and batches per seed; final loss = mean minibatch loss over the last 50
 steps, averaged over seeds). A candidate's score is the geometric mean, over tasks and horizons, of its loss over
 tuned Adam's; the lowest score wins. Prints every ratio, the scores, and the winner.
+
+Two diagnostics run other teachers with the same protocol (neither can be imitated by the rule's current features,
+which have no per-element second moments): ``--precondition BETA2`` feeds every candidate Adam-preconditioned
+gradients (:func:`bench_schedules.teacher`); ``--adam-relative FLOOR`` replaces the teacher by Adam with relative
+steps, candidates ``lr:tau`` (:func:`bench_schedules.adam_relative`). ``--cache DIR`` keeps and reuses tuned Adam's
+loss curves (as ``unf compare --cache``; the same files).
 """
 
 from __future__ import annotations
@@ -20,9 +26,9 @@ import math
 import platform
 
 import torch
-from bench_schedules import teacher
+from bench_schedules import adam_relative, teacher
 
-from meta_train.compare import LR_GRIDS, _inits, _population, final_loss, run_baseline
+from meta_train.compare import LR_GRIDS, _cached, _inits, _population, final_loss, run_baseline
 from meta_train.estimators import FlatProblem
 from meta_train.tasks import get_task
 
@@ -58,18 +64,29 @@ def _options(spec: str) -> tuple[tuple[float, float], dict]:
     return (lr, tau), options
 
 
-def ratios(task, candidates: list[str], seeds: list[int], steps: list[int]) -> dict[str, list[float]]:
-    """Every candidate's final loss over tuned Adam's, per horizon."""
-    adam = run_baseline(task, "adam", LR_GRIDS["adam"], seeds, max(steps), progress=False)
+def ratios(task, candidates: list[str], seeds: list[int], steps: list[int], precondition: float | None = None,
+           adam_relative_floor: float | None = None, cache: str | None = None) -> dict[str, list[float]]:
+    """Every candidate's final loss over tuned Adam's, per horizon (module docstring for the two diagnostics)."""
+    grid = LR_GRIDS["adam"]
+    key = f"{task.name}-adam-{'_'.join(f'{x:g}' for x in grid)}-s{'_'.join(map(str, seeds))}-T{max(steps)}"
+    adam = _cached(cache, key, lambda: run_baseline(task, "adam", grid, seeds, max(steps), progress=False))
     best = [min(float(final_loss(adam[:, j], t).mean()) for j in range(adam.shape[1])) for t in steps]
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
+    if adam_relative_floor is not None:  # candidates are lr:tau pairs, one population
+        pairs = [tuple(float(x) for x in spec.split(":")) for spec in candidates]
+        init, update = adam_relative(pairs, len(seeds), problem, adam_relative_floor)
+        losses = _population(task, problem, seeds, len(pairs), max(steps), init, update, "adam-relative", False)
+        losses = losses.view(len(seeds), len(pairs), -1)
+        return {spec: [float(final_loss(losses[:, j], t).mean()) / b for t, b in zip(steps, best)]
+                for j, spec in enumerate(candidates)}
     groups: dict[tuple, list[str]] = {}  # candidates sharing the non-(lr, tau) settings run as one population
     for spec in candidates:
         groups.setdefault(tuple(sorted(_options(spec)[1].items(), key=str)), []).append(spec)
     out = {}
     for key, specs in groups.items():
-        init, update = teacher([_options(s)[0] for s in specs], len(seeds), problem, **dict(key))
+        init, update = teacher([_options(s)[0] for s in specs], len(seeds), problem, precondition=precondition,
+                               **dict(key))
         losses = _population(task, problem, seeds, len(specs), max(steps), init, update, "teacher", False)
         losses = losses.view(len(seeds), len(specs), -1)
         for j, spec in enumerate(specs):
@@ -84,6 +101,11 @@ def main() -> None:
     parser.add_argument("--candidates", nargs="*", default=None, metavar="LR:TAU:SNR:POWER:SOFT[:FLOOR]",
                         help="default: CANDIDATES (or RELATIVE_CANDIDATES with --relative)")
     parser.add_argument("--relative", action="store_true", help="the relative-step grid (RELATIVE_CANDIDATES)")
+    parser.add_argument("--precondition", type=float, default=None, metavar="BETA2",
+                        help="diagnostic: candidates read Adam-preconditioned gradients (module docstring)")
+    parser.add_argument("--adam-relative", type=float, default=None, metavar="FLOOR",
+                        help="diagnostic: Adam with relative steps (scale floor FLOOR); candidates are LR:TAU")
+    parser.add_argument("--cache", default=None, help="directory to keep and reuse tuned Adam's loss curves")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--tasks", nargs="+", default=list(SELECTION_TASKS),
                         help="registered training tasks to select on (default: the four selection tasks)")
@@ -98,7 +120,8 @@ def main() -> None:
     names = []
     for task in map(get_task, args.tasks):
         names.append(task.name)
-        for spec, r in ratios(task, args.candidates, seeds, args.steps).items():
+        for spec, r in ratios(task, args.candidates, seeds, args.steps, args.precondition, args.adam_relative,
+                              args.cache).items():
             table[spec] += r
         print(f"done: {task.name}", flush=True)
     cols = [f"{n} T={t}" for n in names for t in args.steps]
