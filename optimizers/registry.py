@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as _safetensors_bytes
 from torch import nn
 
 from unf import WeightSpaceSpec
@@ -72,8 +73,25 @@ def _config(rule: LearnedRule) -> dict[str, Any]:
     return {"family": family, **config}
 
 
+def canonical_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """A safetensors file's bytes with its header's metadata keys sorted.
+
+    The safetensors writer keeps metadata in a hash map whose order is random per process, so two runs that save
+    equal tensors and equal metadata wrote different bytes. Sorted, equal contents give equal files (and a
+    fit's re-run can be checked with ``cmp``). Tensor entries and data are the library's, unchanged."""
+    raw = _safetensors_bytes(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data section starts 8-byte aligned, as the library pads it
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+
+
 def save_rule(rule: LearnedRule, path: str | os.PathLike, **info: Any) -> None:
-    """Write ``rule`` to ``path`` (safetensors, atomically: write to a temporary file, then rename)."""
+    """Write ``rule`` to ``path`` (safetensors, atomically: write to a temporary file, then rename). Equal rules
+    saved with equal ``info`` give byte-identical files (:func:`canonical_safetensors`)."""
     path = Path(path)
     metadata = {"format": _FORMAT, "config": json.dumps(_config(rule)), "info": json.dumps(info)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in rule.state_dict().items()}
@@ -81,7 +99,7 @@ def save_rule(rule: LearnedRule, path: str | os.PathLike, **info: Any) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        Path(tmp).write_bytes(canonical_safetensors(tensors, metadata))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; weights are meant to be shared
