@@ -110,6 +110,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(SELECTION_TASKS),
                         help="registered training tasks to select on (default: the four selection tasks)")
     args = parser.parse_args()
+    if args.adam_relative is not None:
+        if args.precondition is not None or args.relative:
+            parser.error("--adam-relative replaces the teacher: it takes neither --precondition nor --relative")
+        bad = [c for c in args.candidates or [] if len(c.split(":")) != 2]
+        if args.candidates is None or bad:
+            parser.error(f"--adam-relative needs --candidates LR:TAU ... (got {bad or 'none'})")
     if args.candidates is None:
         args.candidates = list(RELATIVE_CANDIDATES if args.relative else CANDIDATES)
     torch.set_num_threads(args.threads)
