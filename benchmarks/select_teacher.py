@@ -28,7 +28,7 @@ import platform
 import torch
 from bench_schedules import adam_relative, teacher
 
-from meta_train.compare import LR_GRIDS, _cached, _inits, _population, final_loss, run_baseline
+from meta_train.compare import LR_GRIDS, _inits, _population, cached_baseline, final_loss
 from meta_train.estimators import FlatProblem
 from meta_train.tasks import get_task
 
@@ -67,26 +67,23 @@ def _options(spec: str) -> tuple[tuple[float, float], dict]:
 def ratios(task, candidates: list[str], seeds: list[int], steps: list[int], precondition: float | None = None,
            adam_relative_floor: float | None = None, cache: str | None = None) -> dict[str, list[float]]:
     """Every candidate's final loss over tuned Adam's, per horizon (module docstring for the two diagnostics)."""
-    grid = LR_GRIDS["adam"]
-    key = f"{task.name}-adam-{'_'.join(f'{x:g}' for x in grid)}-s{'_'.join(map(str, seeds))}-T{max(steps)}"
-    adam = _cached(cache, key, lambda: run_baseline(task, "adam", grid, seeds, max(steps), progress=False))
+    adam = cached_baseline(task, "adam", LR_GRIDS["adam"], seeds, max(steps), progress=False, cache_dir=cache)
     best = [min(float(final_loss(adam[:, j], t).mean()) for j in range(adam.shape[1])) for t in steps]
     _, _, example = _inits(task, seeds[:1])
     problem = FlatProblem.from_task(task, example)
+    populations = []  # (candidates, init, update): each population steps together
     if adam_relative_floor is not None:  # candidates are lr:tau pairs, one population
         pairs = [tuple(float(x) for x in spec.split(":")) for spec in candidates]
-        init, update = adam_relative(pairs, len(seeds), problem, adam_relative_floor)
-        losses = _population(task, problem, seeds, len(pairs), max(steps), init, update, "adam-relative", False)
-        losses = losses.view(len(seeds), len(pairs), -1)
-        return {spec: [float(final_loss(losses[:, j], t).mean()) / b for t, b in zip(steps, best)]
-                for j, spec in enumerate(candidates)}
-    groups: dict[tuple, list[str]] = {}  # candidates sharing the non-(lr, tau) settings run as one population
-    for spec in candidates:
-        groups.setdefault(tuple(sorted(_options(spec)[1].items(), key=str)), []).append(spec)
+        populations.append((candidates, *adam_relative(pairs, len(seeds), problem, adam_relative_floor)))
+    else:
+        groups: dict[tuple, list[str]] = {}  # candidates sharing the non-(lr, tau) settings run as one population
+        for spec in candidates:
+            groups.setdefault(tuple(sorted(_options(spec)[1].items(), key=str)), []).append(spec)
+        for key, specs in groups.items():
+            populations.append((specs, *teacher([_options(s)[0] for s in specs], len(seeds), problem,
+                                                precondition=precondition, **dict(key))))
     out = {}
-    for key, specs in groups.items():
-        init, update = teacher([_options(s)[0] for s in specs], len(seeds), problem, precondition=precondition,
-                               **dict(key))
+    for specs, init, update in populations:
         losses = _population(task, problem, seeds, len(specs), max(steps), init, update, "teacher", False)
         losses = losses.view(len(seeds), len(specs), -1)
         for j, spec in enumerate(specs):

@@ -42,7 +42,7 @@ from .build import task_spec
 from .estimators import FlatProblem
 from .tasks import Task, get_task
 
-__all__ = ["LR_GRIDS", "CompareResult", "compare", "run_baseline", "run_learned", "main"]
+__all__ = ["LR_GRIDS", "CompareResult", "compare", "run_baseline", "cached_baseline", "run_learned", "main"]
 
 #: 7-point log grids (half-decade steps) the baselines are tuned over.
 LR_GRIDS: dict[str, tuple[float, ...]] = {
@@ -229,9 +229,7 @@ def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.Pat
         if name not in grids:
             raise ValueError(f"unknown baseline {name!r}; choose from {sorted(LR_GRIDS)}")
         lrs = list(grids[name])
-        losses = _cached(cache_dir, f"{task.name}-{name}-{'_'.join(f'{x:g}' for x in lrs)}-s{'_'.join(map(str, seeds))}"
-                         f"-T{horizon}", lambda name=name, lrs=lrs: run_baseline(task, name, lrs, seeds, horizon,
-                                                                                   progress))  # (S, L, T)
+        losses = cached_baseline(task, name, lrs, seeds, horizon, progress, cache_dir)  # (S, L, T)
         result.grid[name] = {}
         for t in steps:
             finals = final_loss(losses, t)  # (S, L)
@@ -253,6 +251,14 @@ def compare(task: str | Task, learned: Mapping[str, O.LearnedRule | str | os.Pat
                                 "per_seed": [float(x) for x in finals]})
         result.curves[name] = [float(x) for x in losses.mean(0)]
     return result
+
+
+def cached_baseline(task: Task, name: str, lrs: Sequence[float], seeds: Sequence[int], steps: int,
+                    progress: bool = True, cache_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """:func:`run_baseline`, its loss curves kept in ``cache_dir`` (keyed by task, grid, seeds and horizon) and
+    reused, also by a shorter horizon (None: no cache)."""
+    key = f"{task.name}-{name}-{'_'.join(f'{x:g}' for x in lrs)}-s{'_'.join(map(str, seeds))}-T{steps}"
+    return _cached(cache_dir, key, lambda: run_baseline(task, name, lrs, seeds, steps, progress))
 
 
 def _cached(cache_dir: str | os.PathLike | None, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
