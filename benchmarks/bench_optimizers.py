@@ -53,7 +53,8 @@ def optimizer_factories(cuda: bool = False, relative: bool = False
     """The optimizers compared; on a GPU each learned one five ways: the default (a CUDA graph replay of the step,
     with the fused Triton layers of :mod:`optimizers.fused`), unfused (``fused=False``: the default before them),
     stepping eagerly (``cuda_graph=False``: what the graph saves), compiled (``compile=True``, replayed, fused)
-    and compiled unfused."""
+    and compiled unfused; and UNF compiled with its read-out on stored hidden activations
+    (``UNFFamily.fused_readout = False``)."""
     out = {
         "Adam": lambda m, x: torch.optim.Adam(m.parameters(), lr=1e-3),
         "SGD-momentum": lambda m, x: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
@@ -70,7 +71,14 @@ def optimizer_factories(cuda: bool = False, relative: bool = False
     for suffix, kw in variants.items():
         for name, make in learned.items():
             out[name + suffix] = lambda m, x, make=make, kw=kw: make(m, x, **kw)
+    if cuda:  # the fused UNF step that keeps its hidden activations for the read-out (UNFFamily.fused_readout)
+        out["UNF-compiled-hidden"] = lambda m, x: _hidden_readout(O.UNFOptimizer(m, x, compile=True))
     return out
+
+
+def _hidden_readout(opt: O.UNFOptimizer) -> O.UNFOptimizer:
+    opt.rule.f.fused_readout = False
+    return opt
 
 
 def time_steps(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,

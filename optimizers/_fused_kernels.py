@@ -7,11 +7,15 @@ __all__ = ["layer_kernel", "block_sum_kernel", "rows_sum_kernel"]
 
 
 @triton.jit
-def layer_kernel(x_ptr, w_ptr, table_ptr, y_ptr, part_ptr, proj_ptr, out_ptr, blk_seg_ptr, blk_start_ptr,
-                 blk_stop_ptr, N, T, C_IN, K_PAD: tl.constexpr, C_OUT: tl.constexpr,
-                 BLOCK_N: tl.constexpr, STORE_Y: tl.constexpr, PROJECT: tl.constexpr,
+def layer_kernel(x_ptr, w_ptr, table_ptr, y_ptr, part_ptr, proj_ptr, out_ptr, nrows_ptr, blk_seg_ptr,
+                 blk_start_ptr, blk_stop_ptr, N, T, C_IN, K_PAD: tl.constexpr, C_OUT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, STORE_Y: tl.constexpr, PROJECT: tl.constexpr, N_PROJ: tl.constexpr,
                  PRECISION: tl.constexpr):
-    """One fused layer on one block of ``BLOCK_N`` elements inside one segment (see :mod:`optimizers.fused`)."""
+    """One fused layer on one block of ``BLOCK_N`` elements inside one segment (see :mod:`optimizers.fused`).
+
+    ``N_PROJ == 1``: the read-out ``proj . y`` (one row for all segments) goes to ``out`` (N,). ``N_PROJ > 1``:
+    each segment has its own ``(N_PROJ, C_OUT)`` projection in ``proj`` and its first ``nrows[segment]`` rows of
+    ``proj @ y`` go to ``out`` (N_PROJ, N), channels first."""
     pid = tl.program_id(0)
     seg = tl.load(blk_seg_ptr + pid)
     start = tl.load(blk_start_ptr + pid)
@@ -31,8 +35,16 @@ def layer_kernel(x_ptr, w_ptr, table_ptr, y_ptr, part_ptr, proj_ptr, out_ptr, bl
         tl.store(y_ptr + o[:, None].to(tl.int64) * N + cols[None, :], y, mask=inside[None, :])
     tl.store(part_ptr + pid * C_OUT + o, tl.sum(y, axis=1))
     if PROJECT:
-        p = tl.load(proj_ptr + o)
-        tl.store(out_ptr + cols, tl.sum(y * p[:, None], axis=0), mask=inside)
+        if N_PROJ == 1:
+            p = tl.load(proj_ptr + o)
+            tl.store(out_ptr + cols, tl.sum(y * p[:, None], axis=0), mask=inside)
+        else:
+            r = tl.arange(0, N_PROJ)
+            p = tl.load(proj_ptr + seg * (N_PROJ * C_OUT) + r[:, None] * C_OUT + o[None, :])
+            q = tl.dot(p, y, input_precision=PRECISION)
+            rows = tl.load(nrows_ptr + seg)
+            tl.store(out_ptr + r[:, None].to(tl.int64) * N + cols[None, :], q,
+                     mask=(r[:, None] < rows) & inside[None, :])
 
 
 @triton.jit

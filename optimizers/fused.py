@@ -19,9 +19,12 @@ the kernel reads one column of ``c`` per block. The block table (segment, start,
 :func:`fused_forward` returns ``f``'s factored forward (``(8, N)`` tensor features, ``(11,)`` step features ->
 ``(N,)``) built on these kernels, for the families it covers (:class:`~optimizers.families.PerParamMLP`,
 :class:`~optimizers.families.DeepSet`, :class:`~optimizers.unf_family.UNFFamily` with power-of-two hidden widths
->= 16), or None. The UNF family's equivariant read-out runs as before on the last hidden activations. Results equal
-the unfused forward to float rounding (sums in another order); ``tests/test_fused.py`` checks this on a CPU with
-Triton's interpreter, ``tests/test_cuda.py`` on a GPU.
+>= 16), or None. The UNF family's equivariant read-out (a 1-channel UNF layer over the spec's entries) is
+computed project-first from the last layer's kernel, which writes a few projection rows per element instead of the
+hidden activations (:class:`_UNFReadout`); where that does not apply (an entry that is not one run of the flat
+vector, such as GPT-2's split q/k/v) it runs on the stored hidden activations. Results equal the unfused forward to
+float rounding (sums in another order); ``tests/test_fused.py`` checks this on a CPU with Triton's interpreter (and
+the read-out's bookkeeping in plain torch on more architectures), ``tests/test_cuda.py`` on a GPU.
 """
 
 from __future__ import annotations
@@ -49,6 +52,9 @@ NUM_WARPS = 4
 #: ``tl.dot``'s precision: "ieee" (fp32 multiply-adds) or "tf32x3" (tensor cores, three passes: fp32-level
 #: accuracy); ``benchmarks/bench_fused.py`` times both and reports their errors
 PRECISION = "tf32x3"
+#: most projection rows per segment the last layer writes for the UNF read-out (:class:`_UNFReadout`); a
+#: read-out that needs more keeps the hidden activations instead
+MAX_PROJECT_ROWS = 64
 #: rows of block sums one program of the segment-sum tree adds up
 CHUNK = 128
 
@@ -156,13 +162,17 @@ def _precision(device: torch.device) -> str:
 
 
 def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segments: Segments,
-                store: bool = True, project: torch.Tensor | None = None, sums: bool = True
+                store: bool = True, project: torch.Tensor | None = None, sums: bool = True,
+                rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """``y = relu(weight @ x + table[:, segment])`` for channels-first ``x`` (C_in, N), ``weight`` (C_out, C_in),
-    ``table`` (C_out, T). Returns ``(y or None, segment sums of y (T, C_out) or None, project @ y (N,) or None)``.
+    ``table`` (C_out, T). Returns ``(y or None, segment sums of y (T, C_out) or None, projection or None)``.
 
-    ``store=False`` skips writing ``y`` (only its sums and projection are needed); ``project`` (C_out,) adds the
-    1-channel read-out ``project @ y``; ``sums=False`` skips the segment sums (a layer without pooling next)."""
+    ``store=False`` skips writing ``y`` (only its sums and projection are needed); ``sums=False`` skips the
+    segment sums (a layer without pooling next). ``project`` (C_out,) adds the 1-channel read-out ``project @ y``
+    (N,); ``project`` (T, R, C_out) with ``rows`` (T,) ints gives every segment its own projection: the first
+    ``rows[segment]`` rows of ``project[segment] @ y`` are written to an (R, N) result (R a power of two >= 16;
+    the other rows of a segment's columns are left unwritten)."""
     c_in, n = x.shape
     c_out = weight.shape[0]
     device = x.device
@@ -170,13 +180,23 @@ def fused_layer(x: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, segm
     n_blocks = seg_of.numel()
     y = torch.empty(c_out, n, device=device, dtype=torch.float32) if store else x  # (x: an unused pointer)
     part = torch.empty(max(n_blocks, 1), c_out, device=device, dtype=torch.float32)
-    out = torch.empty(n, device=device, dtype=torch.float32) if project is not None else x
+    n_proj = 1
+    if project is not None and project.dim() == 3:
+        n_proj = project.shape[1]
+        if rows is None or not _width_ok(n_proj):
+            raise ValueError(f"a per-segment projection needs rows and a power-of-two >= 16 row count, got "
+                             f"{n_proj} rows")
+        out = torch.empty(n_proj, n, device=device, dtype=torch.float32)
+    else:
+        out = torch.empty(n, device=device, dtype=torch.float32) if project is not None else x
     proj = project.contiguous() if project is not None else weight
     if n_blocks:
         _kernels().layer_kernel[(n_blocks,)](
-            x.contiguous(), weight.contiguous(), table.contiguous(), y, part, proj, out, seg_of, start, stop,
+            x.contiguous(), weight.contiguous(), table.contiguous(), y, part, proj, out,
+            rows if rows is not None else seg_of, seg_of, start, stop,
             n, table.shape[1], c_in, K_PAD=max(16, _next_power_of_2(c_in)), C_OUT=c_out, BLOCK_N=BLOCK,
-            STORE_Y=store, PROJECT=project is not None, PRECISION=_precision(device), num_warps=NUM_WARPS)
+            STORE_Y=store, PROJECT=project is not None, N_PROJ=n_proj, PRECISION=_precision(device),
+            num_warps=NUM_WARPS)
     else:
         part.zero_()
     return ((y if store else None), _segment_rows(part, tree) if sums else None,
@@ -200,12 +220,15 @@ class _FusedStack:
                  keep_hidden: bool):
         self.hidden, self.out, self.keep_hidden = hidden, out, keep_hidden
 
-    def __call__(self, tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments
-                 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(N,) read-out and, if ``keep_hidden``, the last hidden activations (hidden, N)."""
+    def __call__(self, tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments,
+                 readout: _UNFReadout | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(read-out (N,), last hidden activations (hidden, N) if kept and no readout, the readout's
+        projections (R, N) or None, the last layer's segment sums (T, hidden) or None)``. With ``readout``, the
+        last layer projects onto its rows instead of keeping the hidden activations (row 0 is the read-out)."""
         x, shared = tensor_features, step_features
         mean = _means(segment_sums(x, segments), segments) if self.hidden[0][1] is not None else None  # (C, T)
-        h = None
+        h = sums = rows = None
         for i, (elem, pool) in enumerate(self.hidden):
             weight, bias = elem.weight, elem.bias
             pooled = pool.weight if pool is not None else None
@@ -221,17 +244,171 @@ class _FusedStack:
                 table = table + pooled @ mean
             last = i == len(self.hidden) - 1
             pools_next = (self.out if last else self.hidden[i + 1])[1] is not None
-            y, sums, proj = fused_layer(x, weight, table, segments, store=not last or self.keep_hidden,
-                                        project=self.out[0].weight[0] if last else None, sums=pools_next)
+            project, n_rows = None, None
+            if last:
+                project = self.out[0].weight[0]
+                if readout is not None:
+                    project, n_rows = readout.projections(project)
+            y, sums, proj = fused_layer(x, weight, table, segments,
+                                        store=not last or (self.keep_hidden and readout is None),
+                                        project=project, sums=pools_next or (last and readout is not None),
+                                        rows=n_rows)
             mean = _means(sums, segments) if pools_next else None
             x = h = y
+        if readout is not None:
+            proj, rows = proj[0], proj
         out_elem, out_pool = self.out
         const = out_elem.bias.reshape(1, 1).expand(1, segments.n) if out_elem.bias is not None else None
         if out_pool is not None:
             pooled_out = out_pool.weight @ mean  # (1, T)
             const = pooled_out if const is None else const + pooled_out
         result = proj if const is None else proj + const[0].index_select(0, segments.ids.to(proj.device))
-        return result, h
+        return result, h, rows, sums
+
+
+class _UNFReadout:
+    """The UNF family's equivariant read-out (a 1-channel :class:`unf.nn.UNFLinear`) computed from the last fused
+    layer instead of from stored hidden activations: project first, as :meth:`unf.nn.UNFLinear.forward_rows`
+    does, with the projections made inside the layer kernel.
+
+    Every term of the read-out applies a coefficient row (hidden,) to an input entry and then sums over some of
+    its axes. Three kinds (each an exact rewriting; only the order of float additions changes):
+
+    - a term from an entry to itself with no reduction (the per-element term): its row is added to the kernel's
+      row 0, which is also the DeepSet read-out, so it costs nothing extra;
+    - a term that sums over all of an entry's axes: its row dotted with the entry's segment sum of the hidden
+      activations (the kernel's block sums, needed anyway for the next pooling);
+    - any other term: the kernel writes its projection as one more row for that entry, and the term's reductions
+      run on that 1-channel row.
+
+    So the (hidden, N) activations are never written, and the rest reads a few 1-channel rows per element.
+    Built for a bound family whose entries each lie in one contiguous run of the flat vector in their own
+    layout (``UNFFamily._tiling``) and whose read-out has no diagonal writes, folded axes or positional
+    encodings; :meth:`build` returns None otherwise (the caller then keeps the hidden activations)."""
+
+    @classmethod
+    def build(cls, f, device: torch.device) -> _UNFReadout | None:
+        head = f.head
+        if (f._tiling is None or any(head._diag_writes) or len(head.pos_enc) or head.out_channels != 1
+                or any(order is not None for order, _ in head._fold_in)):
+            return None
+        plan = cls(f, device)
+        return plan if plan.n_rows <= MAX_PROJECT_ROWS else None
+
+    def __init__(self, f, device: torch.device):
+        from unf.nn.layers import _reduce_step  # (the one implementation of a reduction step)
+
+        self._reduce_step = _reduce_step
+        head = f.head
+        self.head = head
+        rows_plan = head._rows_plan()
+        hidden = head.in_channels
+        n_flat = sum(w.numel() for w in head.mix_weights())
+        ds_row, zero = n_flat, n_flat + hidden  # places in the source vector (flat weights, DeepSet row, 0)
+        seg_of = {e.name: k for k, e in enumerate(f.spec.entries)}
+        self.n_segments = len(f.spec.entries)
+        entry_of = {cid: i for i, cids in enumerate(head._plain) for cid in cids}
+        sizes = [head._fold_in[i][1][1:] for i in range(len(head.names))]
+        self.place = [(seg_of[name], *f._slices[name], sizes[i]) for i, name in enumerate(head.names)]
+        # per segment: lists of (source rows summed into it, their scales) for each projection row
+        proj_rows: list[list[list[tuple[int, float]]]] = [[[(ds_row, 1.0)]] for _ in range(self.n_segments)]
+        full_rows: list[tuple[int, int, float]] = []  # (segment, source row, scale) of whole-entry sums
+        self.groups = []
+        for cid, tail, terms, bias_rows in rows_plan["groups"]:
+            out_entry = entry_of[cid]
+            kept = []
+            for inp, slot, chain, perm in terms:
+                idx, scale = rows_plan["project"][inp]
+                src, sc = int(idx[slot, 0]), float(scale[slot, 0])  # (a row's columns are consecutive)
+                seg = self.place[inp][0]
+                plain = all(not ops and step_perm is None for ops, step_perm, _ in chain)
+                shape = torch.empty((1, 1) + tuple(sizes[inp]), device="meta")
+                for step in chain:
+                    shape = _reduce_step(shape, *step)
+                if plain and all(not dims for *_, dims in chain) and perm is None and inp == out_entry and (
+                        tail == head._full_tail[out_entry]):
+                    proj_rows[seg][0].append((src, sc))  # the per-element term: into row 0
+                elif plain and shape.numel() == 1:
+                    full_rows.append((seg, src, sc))
+                    kept.append(("full", len(full_rows) - 1, tuple(shape.shape), perm))
+                else:
+                    proj_rows[seg].append([(src, sc)])
+                    kept.append(("row", (inp, len(proj_rows[seg]) - 1), chain, perm))
+            self.groups.append((cid, tail, tuple(kept), bias_rows))
+        self.order = [head.names.index(name) for name in f._tiling]
+        self.n_rows = max(16, _next_power_of_2(max(len(r) for r in proj_rows)))
+        depth = max(len(row) for rows in proj_rows for row in rows)
+        index = torch.full((self.n_segments, self.n_rows, depth), zero, dtype=torch.int64)
+        scale = torch.zeros(self.n_segments, self.n_rows, depth, 1, dtype=torch.float64)
+        for seg, rows in enumerate(proj_rows):
+            for r, row in enumerate(rows):
+                for k, (src, sc) in enumerate(row):
+                    index[seg, r, k], scale[seg, r, k, 0] = src, sc
+        cols = torch.arange(hidden)
+        self.index = (index.unsqueeze(-1) + cols).clamp_max(zero).to(device)  # (T, R, depth, hidden)
+        self.scale = scale.to(device, torch.float32)
+        self.rows = torch.tensor([len(r) for r in proj_rows], dtype=torch.int32, device=device)
+        self.full_index = torch.tensor([src for _, src, _ in full_rows], dtype=torch.int64).reshape(-1, 1)
+        self.full_index = (self.full_index + cols).to(device)
+        self.full_scale = torch.tensor([[sc] for *_, sc in full_rows], dtype=torch.float32, device=device)
+        self.full_seg = torch.tensor([seg for seg, *_ in full_rows], dtype=torch.int64, device=device)
+
+    def _source(self, readout_row: torch.Tensor) -> torch.Tensor:
+        weights = [w.reshape(-1) for w in self.head.mix_weights()]
+        return torch.cat(weights + [readout_row.reshape(-1), readout_row.new_zeros(1)])
+
+    def projections(self, readout_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every segment's (R, hidden) projection (row 0: ``readout_row`` plus the per-element terms) and its
+        number of rows, from the current weights."""
+        src = self._source(readout_row)
+        return (src[self.index] * self.scale).sum(2), self.rows
+
+    def __call__(self, rows: torch.Tensor, sums: torch.Tensor, readout_row: torch.Tensor) -> torch.Tensor:
+        """The read-out's (N,) output but its per-element terms (already in row 0), from the kernel's projection
+        rows (R, N) and the last layer's segment sums (T, hidden)."""
+        src = self._source(readout_row)
+        full = (src[self.full_index] * self.full_scale * sums[self.full_seg]).sum(1) if len(self.full_seg) else None
+        bias = self.head.bias_vector()
+        contrib = {}
+        for cid, tail, terms, bias_rows in self.groups:
+            acc = None
+            for kind, where, chain, perm in terms:
+                if kind == "row":
+                    inp, r = where
+                    _, start, n, sizes = self.place[inp]
+                    t = rows[r, start:start + n].view((1, 1) + tuple(sizes))
+                    for step in chain:
+                        t = self._reduce_step(t, *step)
+                else:  # (a whole-entry sum: ``chain`` holds its shape after the reductions)
+                    t = full[where].reshape(chain)
+                if perm is not None:
+                    t = t.permute(perm)
+                acc = t if acc is None else acc + t
+            if bias_rows is not None and bias is not None:
+                b = bias[bias_rows[0]:bias_rows[1]]
+                acc = b if acc is None else acc + b
+            if acc is not None:
+                contrib[cid] = acc.reshape((1,) + tail)
+        outs = []
+        for i in self.order:
+            full_shape = (1, 1) + tuple(self.place[i][3])
+            acc = None
+            for cid in self.head._plain[i]:
+                if cid in contrib:
+                    acc = contrib[cid] if acc is None else acc + contrib[cid]
+            acc = rows.new_zeros(full_shape) if acc is None else acc.expand(full_shape)
+            outs.append(acc.reshape(-1))
+        return torch.cat(outs)
+
+
+def _readout_for(f, segments: Segments, device: torch.device) -> _UNFReadout | None:
+    """:class:`_UNFReadout` for the UNF family ``f`` bound to ``segments``, built once per segments and device
+    (None where it does not apply)."""
+    key = ("fused_unf_readout", device)
+    hit = segments._cache.get(key)
+    if hit is None or hit[0] is not f.head:
+        hit = segments._cache[key] = (f.head, _UNFReadout.build(f, device))
+    return hit[1]
 
 
 def fused_forward(f: nn.Module) -> FactoredForward | None:
@@ -272,7 +449,11 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
         return f(torch.cat([tensor_features.mT, step_features.expand(n, step_features.shape[-1])], -1), segments)
 
     def fused(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
-        out, h = stack(tensor_features, step_features, segments)
+        readout = (_readout_for(f, segments, tensor_features.device)
+                   if isinstance(f, UNFFamily) and f.fused_readout else None)
+        out, h, rows, sums = stack(tensor_features, step_features, segments, readout)
+        if readout is not None:
+            return out + readout(rows, sums, stack.out[0].weight[0])
         if isinstance(f, UNFFamily):
             out = out + f.unf_readout(h.mT)  # (h.mT of a channels-first buffer: the read-out's layout, no copy)
         return out

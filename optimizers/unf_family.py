@@ -42,6 +42,12 @@ class UNFFamily(nn.Module):
     exactly those) until meta-training changes it.
     """
 
+    #: With the fused Triton layers (:mod:`optimizers.fused`): compute the UNF read-out from per-entry projections
+    #: made inside the last layer's kernel, without writing the hidden activations (the same result up to float
+    #: rounding). ``False`` keeps the hidden activations and evaluates :meth:`unf_readout` on them (the path
+    #: before; ``benchmarks/bench_optimizers.py`` times both). Read when a step is first traced.
+    fused_readout: bool = True
+
     def __init__(self, spec: WeightSpaceSpec, hidden: int = 32, layers: int = 3, in_features: int = N_FEATURES,
                  tie: str = "role", keys: Sequence[str] | None = None):
         """``keys``: with ``tie="role"``, the role-key table of the read-out (:class:`unf.nn.RoleUNFLinear`),

@@ -7,6 +7,7 @@ chosen before Triton is imported), and on a GPU by ``tests/test_cuda.py`` in pro
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from torch import nn
 import optimizers as O
 import unf
 from optimizers.features import Segments, step_encoding
-from optimizers.fused import BLOCK, CHUNK, _segment_rows, _tree, fused_forward, fused_layer, segment_sums
+from optimizers.fused import BLOCK, CHUNK, _readout_for, _segment_rows, _tree, fused_forward, fused_layer, segment_sums
 
 
 def _randomize(module: nn.Module, seed: int) -> None:
@@ -83,19 +84,31 @@ def check_families(device: str) -> None:
                 failures.append(f"{mname}/{fname}: not covered")
                 continue
             want = _unfused(f, tf, sf, seg)
-            got = fused(tf, sf, seg)
-            if got.shape != want.shape or got.shape != (n,):
-                failures.append(f"{mname}/{fname}: shape {tuple(got.shape)}, want {(n,)}")
-                continue
-            # (atol scaled: the UNF read-out sums thousands of terms, so its rounding grows with its largest outputs)
-            scale = float(want.abs().max())  # (no autograd here)
-            try:
-                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
-            except AssertionError as err:
-                failures.append(f"{mname}/{fname}: {str(err).splitlines()[0]} "
-                                f"(max |diff| {float((got - want).abs().max()):.2e}, max |want| {scale:.2e})")
-            if device != "cpu" and not torch.equal(got, fused(tf, sf, seg)):  # (the interpreter is deterministic)
-                failures.append(f"{mname}/{fname}: not deterministic")
+            # the UNF family: its read-out from the kernel's projections where every entry is one run of the flat
+            # vector (the MLP and CNN; GPT-2's split qkv is not), else from stored hidden activations; both checked
+            paths = [True, False] if fname == "unf" else [None]
+            if fname == "unf" and (_readout_for(f, seg, torch.device(device)) is None) != (mname == "gpt2"):
+                failures.append(f"{mname}/{fname}: projected read-out applies: "
+                                f"{_readout_for(f, seg, torch.device(device)) is not None}")
+            for projected in paths:
+                if projected is not None:
+                    f.fused_readout = projected
+                got = fused(tf, sf, seg)
+                name = f"{mname}/{fname}" + ("" if projected is not False else " (hidden read-out)")
+                if got.shape != want.shape or got.shape != (n,):
+                    failures.append(f"{name}: shape {tuple(got.shape)}, want {(n,)}")
+                    continue
+                # (atol scaled: the UNF read-out sums thousands of terms: its rounding grows with its largest outputs)
+                scale = float(want.abs().max())  # (no autograd here)
+                try:
+                    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(scale, 1.0))
+                except AssertionError as err:
+                    failures.append(f"{name}: {str(err).splitlines()[0]} "
+                                    f"(max |diff| {float((got - want).abs().max()):.2e}, max |want| {scale:.2e})")
+                if device != "cpu" and not torch.equal(got, fused(tf, sf, seg)):  # (the interpreter: deterministic)
+                    failures.append(f"{name}: not deterministic")
+            if fname == "unf":
+                f.fused_readout = True
     assert not failures, "\n".join(failures)
 
 
@@ -150,6 +163,15 @@ def check_layer_edges(device: str) -> None:
     assert none is None and torch.equal(sums2, sums) and torch.equal(out2, out)
     y3, no_sums, _ = fused_layer(x, w, table, seg, sums=False)
     assert no_sums is None and torch.equal(y3, y)
+    # a projection per segment: the first rows[segment] rows of project[segment] @ y, the rest left unwritten
+    projs = torch.randn(4, 16, 32, generator=g).to(device)
+    n_rows = torch.tensor([3, 16, 1, 7], dtype=torch.int32, device=device)
+    none, sums4, many = fused_layer(x, w, table, seg, store=False, project=projs, rows=n_rows)
+    assert none is None and many.shape == (16, n)
+    torch.testing.assert_close(sums4, want_sums, rtol=1e-5, atol=1e-4)  # (another kernel build: another sum order)
+    per_element = torch.einsum("nrc,cn->rn", projs[seg.ids], want)
+    written = torch.arange(16, device=device)[:, None] < n_rows[seg.ids][None, :]
+    torch.testing.assert_close(many[written], per_element[written], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(segment_sums(x, seg), torch.zeros(4, 8, device=device).index_add_(0, seg.ids, x.T),
                                rtol=1e-5, atol=1e-4)
     # the tree that sums block rows by segment: several levels, empty segments, a segment of exactly CHUNK rows
@@ -184,12 +206,16 @@ def check_unsupported() -> None:
 
 
 def run_all(device: str) -> None:
-    check_unsupported()
-    check_layer_edges(device)
-    check_autograd_falls_back(device)
-    with torch.no_grad():  # (the optimizer steps without autograd: the kernels' path)
-        check_families(device)
-        check_rule_steps(device)
+    # a kernel that fails on its first call would fall back to the unfused forward with a RuntimeWarning and so
+    # pass every comparison: make that an error here
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check_unsupported()
+        check_layer_edges(device)
+        check_autograd_falls_back(device)
+        with torch.no_grad():  # (the optimizer steps without autograd: the kernels' path)
+            check_families(device)
+            check_rule_steps(device)
 
 
 if __name__ == "__main__":

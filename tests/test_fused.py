@@ -72,3 +72,70 @@ def test_a_failing_first_call_falls_back_to_the_unfused_forward(monkeypatch):
             second = forward(tf, sf, seg)
         want = f.forward_factored(tf, sf, seg)
     assert torch.equal(first, want) and torch.equal(second, want)
+
+
+def _readout_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(0)
+    return {
+        "mlp": (nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),
+                torch.randn(4, 12)),
+        "cnn": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)), torch.randn(2, 3, 6, 6)),
+        "conv1d-layernorm": (nn.Sequential(nn.Conv1d(2, 6, 5, padding=2), nn.ReLU(), nn.Flatten(), nn.LayerNorm(48),
+                                           nn.Linear(48, 4, bias=False)), torch.randn(3, 2, 8)),
+        "batchnorm": (nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 2)),
+                      torch.randn(6, 5)),
+        "embedding": (nn.Sequential(nn.Embedding(11, 6), nn.Flatten(), nn.Linear(18, 4)),
+                      torch.randint(0, 11, (2, 3))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_readout_models()))
+def test_projected_unf_readout_equals_the_readout_on_hidden_activations(name):
+    """The UNF read-out from per-entry projections (what the last fused kernel writes; emulated here in plain torch,
+    with the rows a kernel leaves unwritten set to NaN) equals :meth:`UNFFamily.unf_readout` on the hidden
+    activations, on architectures of several kinds (no Triton needed)."""
+    import unf
+    from optimizers.fused import _UNFReadout
+
+    model, x = _readout_models()[name]
+    spec = unf.derive_spec(model, x).parameters_only()
+    f = O.UNFFamily(spec, hidden=16, layers=1)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in f.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    named = dict(model.named_parameters())
+    seg = f.bind([named[n] for n in spec.sources])
+    readout = _UNFReadout.build(f, torch.device("cpu"))
+    assert readout is not None, "every entry of these models is one run of the flat vector"
+    n = seg.ids.numel()
+    h = torch.relu(torch.randn(16, n, generator=g))
+    row = torch.randn(16, generator=g)
+    with torch.no_grad():
+        proj, rows = readout.projections(row)
+        buf = torch.full((proj.shape[1], n), float("nan"))
+        for k in range(seg.n):
+            cols = (seg.ids == k).nonzero().squeeze(1)
+            buf[:int(rows[k]), cols] = proj[k, :int(rows[k])] @ h[:, cols]
+        sums = torch.zeros(seg.n, 16).index_add_(0, seg.ids, h.T)
+        got = buf[0] + readout(buf, sums, row)
+        want = row @ h + f.unf_readout(h.mT)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+
+
+def test_projected_unf_readout_declines_entries_that_are_not_one_run():
+    """GPT-2's attention weights are split into q, k, v views of one tensor: not one run each in their own layout,
+    so the read-out keeps the hidden activations (None here)."""
+    transformers = pytest.importorskip("transformers")
+    import unf
+    from optimizers.fused import _UNFReadout
+
+    cfg = transformers.GPT2Config(vocab_size=20, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    spec = unf.derive_spec(model, torch.randint(0, 20, (1, 4))).parameters_only()
+    f = O.UNFFamily(spec, hidden=16, layers=1)
+    named = dict(model.named_parameters())
+    f.bind([named[n] for n in spec.sources])
+    assert f._tiling is None and _UNFReadout.build(f, torch.device("cpu")) is None
