@@ -54,7 +54,7 @@ def optimizer_factories(cuda: bool = False, relative: bool = False
     with the fused Triton layers of :mod:`optimizers.fused`), unfused (``fused=False``: the default before them),
     stepping eagerly (``cuda_graph=False``: what the graph saves), compiled (``compile=True``, replayed, fused)
     and compiled unfused; and UNF compiled with its read-out on stored hidden activations
-    (``UNFFamily.fused_readout = False``)."""
+    (``UNFFamily.fused_readout = False``) and compiled with Inductor's ``combo_kernels`` (a lead, not a default)."""
     out = {
         "Adam": lambda m, x: torch.optim.Adam(m.parameters(), lr=1e-3),
         "SGD-momentum": lambda m, x: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9),
@@ -73,11 +73,27 @@ def optimizer_factories(cuda: bool = False, relative: bool = False
             out[name + suffix] = lambda m, x, make=make, kw=kw: make(m, x, **kw)
     if cuda:  # the fused UNF step that keeps its hidden activations for the read-out (UNFFamily.fused_readout)
         out["UNF-compiled-hidden"] = lambda m, x: _hidden_readout(O.UNFOptimizer(m, x, compile=True))
+        # a lead, not a default: compiled with Inductor's combo kernels (many small kernels launched as one)
+        out["UNF-compiled-combo"] = lambda m, x: _combo_kernels(O.UNFOptimizer(m, x, compile=True), m, x)
     return out
 
 
 def _hidden_readout(opt: O.UNFOptimizer) -> O.UNFOptimizer:
     opt.rule.f.fused_readout = False
+    return opt
+
+
+def _combo_kernels(opt: torch.optim.Optimizer, model: nn.Module, x: torch.Tensor) -> torch.optim.Optimizer:
+    """Two steps under ``torch._inductor.config.combo_kernels = True``: the first compiles the step (and the
+    second captures its graph) with that setting; the later steps reuse them."""
+    from torch._inductor import config
+
+    with config.patch(combo_kernels=True):
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            model(x).float().square().mean().backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
     return opt
 
 

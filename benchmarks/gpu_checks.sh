@@ -11,7 +11,8 @@
 # 3 min per grid and 5.5 min per learned optimizer at 10,000 steps: it runs only with COMPARE=1 (COMPARE_TIMEOUT,
 # seconds, to fit).
 #
-#   OUT=runs/gpu bash benchmarks/gpu_checks.sh          (PYTHON=... to pick the interpreter)
+#   OUT=runs/gpu bash benchmarks/gpu_checks.sh          (PYTHON=... to pick the interpreter; TASK=cnn or mlp for one
+#                                                        task: a lent machine runs one command for 10 minutes at most)
 set -u
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
@@ -21,9 +22,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" 2>&1 | tee -a "$OUT/gpu.txt"
 timeout 200 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt"
 timeout 90 $PY benchmarks/bench_fused.py 2>&1 | tee "$OUT/bench_fused.txt"
-timeout 420 $PY benchmarks/bench_optimizers.py --device cuda --steps 50 --seed 0 --profile UNF-compiled \
-  --only UNF UNF-unfused UNF-compiled UNF-compiled-hidden UNF-compiled-unfused PerParamMLP PerParamMLP-compiled \
-  DeepSet DeepSet-compiled \
+timeout 420 $PY benchmarks/bench_optimizers.py --device cuda --task "${TASK:-all}" --steps 50 --seed 0 --profile UNF-compiled \
+  --only UNF UNF-unfused UNF-compiled UNF-compiled-hidden UNF-compiled-combo UNF-compiled-unfused PerParamMLP \
+  PerParamMLP-compiled DeepSet DeepSet-compiled \
   2>&1 | tee "$OUT/bench_optimizers.txt"
 [ "${COMPARE:-0}" = 1 ] || exit 0
 timeout "${COMPARE_TIMEOUT:-1800}" $PY -m unf compare --task transformer-shakespeare --steps 2000 10000 --seeds 5 \
