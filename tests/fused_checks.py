@@ -16,6 +16,7 @@ import optimizers as O
 import unf
 from optimizers.features import Segments, step_encoding
 from optimizers.fused import BLOCK, CHUNK, _readout_for, _segment_rows, _tree, fused_forward, fused_layer, segment_sums
+from optimizers.registry import _resolve, load_rule
 
 
 def _randomize(module: nn.Module, seed: int) -> None:
@@ -48,12 +49,15 @@ def _families(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[nn.Module, S
     family = O.UNFFamily(spec, hidden=32, layers=3)
     named = dict(model.named_parameters())
     entries = family.bind([named[n] for n in spec.sources])
+    shipped = load_rule(_resolve("unf-mnist1d-synthlm")).f.transfer(spec)  # trained weights, keys partly missing
+    shipped.bind([named[n] for n in spec.sources])
     return {"perparam": (O.PerParamMLP(hidden=32), per_tensor),
             "perparam-deep": (O.PerParamMLP(hidden=16, layers=3), per_tensor),
             "deepset": (O.DeepSet(hidden=32), per_tensor),
             "deepset-1": (O.DeepSet(hidden=16, layers=1), per_tensor),
             "deepset-entries": (O.DeepSet(hidden=32), entries),  # several runs per segment (GPT-2's split qkv)
-            "unf": (family, entries)}
+            "unf": (family, entries),
+            "unf-shipped": (shipped, entries)}
 
 
 def _unfused(f: nn.Module, tf: torch.Tensor, sf: torch.Tensor, segments: Segments) -> torch.Tensor:
@@ -72,7 +76,8 @@ def check_families(device: str) -> None:
         for fname, (f, segments) in _families(model, x).items():
             if mname == "gpt2" and fname not in ("deepset-entries", "unf"):  # (the interpreter is slow)
                 continue
-            _randomize(f, seed=len(fname))
+            if fname != "unf-shipped":
+                _randomize(f, seed=len(fname))
             f = f.to(device)
             seg = segments.to(device)
             n = seg.ids.numel()
@@ -86,8 +91,8 @@ def check_families(device: str) -> None:
             want = _unfused(f, tf, sf, seg)
             # the UNF family: its read-out from the kernel's projections where every entry is one run of the flat
             # vector (the MLP and CNN; GPT-2's split qkv is not), else from stored hidden activations; both checked
-            paths = [True, False] if fname == "unf" else [None]
-            if fname == "unf" and (_readout_for(f, seg, torch.device(device)) is None) != (mname == "gpt2"):
+            paths = [True, False] if fname.startswith("unf") else [None]
+            if fname.startswith("unf") and (_readout_for(f, seg, torch.device(device)) is None) != (mname == "gpt2"):
                 failures.append(f"{mname}/{fname}: projected read-out applies: "
                                 f"{_readout_for(f, seg, torch.device(device)) is not None}")
             for projected in paths:
@@ -107,7 +112,7 @@ def check_families(device: str) -> None:
                                     f"(max |diff| {float((got - want).abs().max()):.2e}, max |want| {scale:.2e})")
                 if device != "cpu" and not torch.equal(got, fused(tf, sf, seg)):  # (the interpreter: deterministic)
                     failures.append(f"{name}: not deterministic")
-            if fname == "unf":
+            if fname.startswith("unf"):
                 f.fused_readout = True
     assert not failures, "\n".join(failures)
 
