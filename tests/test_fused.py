@@ -74,9 +74,42 @@ def test_a_failing_first_call_falls_back_to_the_unfused_forward(monkeypatch):
     assert torch.equal(first, want) and torch.equal(second, want)
 
 
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = x + torch.relu(self.a(x))
+        return self.out(h + torch.relu(self.b(h)))
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.out = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.out(self.attn(x, x, x)[0].mean(1))
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.out = nn.RNN(4, 6, batch_first=True), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.out(self.rnn(x)[0][:, -1])
+
+
 def _readout_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(0)
     return {
+        "residual": (_Residual(), torch.randn(3, 8)),
+        "attention": (_Attention(), torch.randn(2, 5, 8)),
+        "depthwise-conv": (nn.Sequential(nn.Conv2d(4, 4, 3, groups=4), nn.ReLU(), nn.Conv2d(4, 6, 1), nn.Flatten(),
+                                         nn.Linear(96, 2)), torch.randn(2, 4, 6, 6)),
+        "gru": (nn.GRU(3, 5), torch.randn(4, 2, 3)),
         "mlp": (nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3)),
                 torch.randn(4, 12)),
         "cnn": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
@@ -94,35 +127,52 @@ def _readout_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
 def test_projected_unf_readout_equals_the_readout_on_hidden_activations(name):
     """The UNF read-out from per-entry projections (what the last fused kernel writes; emulated here in plain torch,
     with the rows a kernel leaves unwritten set to NaN) equals :meth:`UNFFamily.unf_readout` on the hidden
-    activations, on architectures of several kinds (no Triton needed)."""
+    activations, on architectures of several kinds, for two seeds of weights and activations (no Triton needed)."""
     import unf
     from optimizers.fused import _UNFReadout
 
     model, x = _readout_models()[name]
     spec = unf.derive_spec(model, x).parameters_only()
-    f = O.UNFFamily(spec, hidden=16, layers=1)
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for p in f.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     named = dict(model.named_parameters())
-    seg = f.bind([named[n] for n in spec.sources])
-    readout = _UNFReadout.build(f, torch.device("cpu"))
-    assert readout is not None, "every entry of these models is one run of the flat vector"
-    n = seg.ids.numel()
-    h = torch.relu(torch.randn(16, n, generator=g))
-    row = torch.randn(16, generator=g)
-    with torch.no_grad():
-        proj, rows = readout.projections(row)
-        buf = torch.full((proj.shape[1], n), float("nan"))
-        for k in range(seg.n):
-            cols = (seg.ids == k).nonzero().squeeze(1)
-            buf[:int(rows[k]), cols] = proj[k, :int(rows[k])] @ h[:, cols]
-        sums = torch.zeros(seg.n, 16).index_add_(0, seg.ids, h.T)
-        got = buf[0] + readout(buf, sums, row)
-        want = row @ h + f.unf_readout(h.mT)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+    for seed in (7, 8):
+        f = O.UNFFamily(spec, hidden=16, layers=1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in f.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        seg = f.bind([named[n] for n in spec.sources])
+        readout = _UNFReadout.build(f, torch.device("cpu"))
+        assert readout is not None, "every entry of these models is one run of the flat vector"
+        n = seg.ids.numel()
+        h = torch.relu(torch.randn(16, n, generator=g))
+        row = torch.randn(16, generator=g)
+        with torch.no_grad():
+            proj, rows = readout.projections(row)
+            buf = torch.full((proj.shape[1], n), float("nan"))
+            for k in range(seg.n):
+                cols = (seg.ids == k).nonzero().squeeze(1)
+                buf[:int(rows[k]), cols] = proj[k, :int(rows[k])] @ h[:, cols]
+            sums = torch.zeros(seg.n, 16).index_add_(0, seg.ids, h.T)
+            got = buf[0] + readout(buf, sums, row)
+            want = row @ h + f.unf_readout(h.mT)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
+
+
+def test_projected_unf_readout_declines_a_recurrent_weight():
+    """An RNN's ``W_hh`` has the hidden group on both axes: its read-out writes diagonals, which the projected
+    read-out does not do, so it declines (None: the hidden activations are kept)."""
+    import unf
+    from optimizers.fused import _UNFReadout
+
+    model = _Recurrent()
+    x = torch.randn(2, 5, 4)
+    spec = unf.derive_spec(model, x).parameters_only()
+    f = O.UNFFamily(spec, hidden=16, layers=1)
+    named = dict(model.named_parameters())
+    f.bind([named[n] for n in spec.sources])
+    assert f._tiling is not None and any(f.head._diag_writes)
+    assert _UNFReadout.build(f, torch.device("cpu")) is None
 
 
 def test_projected_unf_readout_declines_entries_that_are_not_one_run():
