@@ -293,7 +293,7 @@ class _UNFReadout:
                 or any(order is not None for order, _ in head._fold_in)):
             return None
         plan = cls(f, device)
-        return plan if plan.n_rows <= MAX_PROJECT_ROWS else None
+        return plan if plan.n_rows <= MAX_PROJECT_ROWS and plan.broadcastable else None
 
     def __init__(self, f, device: torch.device):
         from unf.nn.layers import _reduce_step  # (the one implementation of a reduction step)
@@ -313,10 +313,14 @@ class _UNFReadout:
         # per segment: lists of (source rows summed into it, their scales) for each projection row
         proj_rows: list[list[list[tuple[int, float]]]] = [[[(ds_row, 1.0)]] for _ in range(self.n_segments)]
         full_rows: list[tuple[int, int, float]] = []  # (segment, source row, scale) of whole-entry sums
-        self.groups = []
+        full_slot: list[int] = []  # per whole-entry term: the slot of its group (their values are summed per slot)
+        n_slots = 0
+        const_slot, const_seg, const_bias = [], [], []  # groups of whole-entry terms only: per-segment constants
+        self.groups = []  # groups with per-row terms: (cid, tail, row terms, bias rows, slot or None)
+        self.broadcastable = True  # False: a group of whole-entry terms with a shape to fill (not expected)
         for cid, tail, terms, bias_rows in rows_plan["groups"]:
             out_entry = entry_of[cid]
-            kept = []
+            kept, n_full = [], 0
             for inp, slot, chain, perm in terms:
                 idx, scale = rows_plan["project"][inp]
                 src, sc = int(idx[slot, 0]), float(scale[slot, 0])  # (a row's columns are consecutive)
@@ -328,13 +332,23 @@ class _UNFReadout:
                 if plain and all(not dims for *_, dims in chain) and perm is None and inp == out_entry and (
                         tail == head._full_tail[out_entry]):
                     proj_rows[seg][0].append((src, sc))  # the per-element term: into row 0
-                elif plain and shape.numel() == 1:
+                elif plain and shape.numel() == 1:  # (its value broadcasts: only the group's sum is needed)
                     full_rows.append((seg, src, sc))
-                    kept.append(("full", len(full_rows) - 1, tuple(shape.shape), perm))
+                    full_slot.append(n_slots)  # (the slot this group gets below)
+                    n_full += 1
                 else:
                     proj_rows[seg].append([(src, sc)])
-                    kept.append(("row", (inp, len(proj_rows[seg]) - 1), chain, perm))
-            self.groups.append((cid, tail, tuple(kept), bias_rows))
+                    kept.append(((inp, len(proj_rows[seg]) - 1), chain, perm))
+            gslot = None
+            if n_full or (not kept and bias_rows is not None):
+                gslot, n_slots = n_slots, n_slots + 1
+            if kept:
+                self.groups.append((cid, tail, tuple(kept), bias_rows, gslot))
+            elif gslot is not None:  # only whole-entry sums and the bias: one constant for the output entry
+                self.broadcastable &= all(d == 1 for d in tail)
+                const_slot.append(gslot)
+                const_seg.append(self.place[out_entry][0])
+                const_bias.append(-1 if bias_rows is None else bias_rows[0])
         self.order = [head.names.index(name) for name in f._tiling]
         self.n_rows = max(16, _next_power_of_2(max(len(r) for r in proj_rows)))
         depth = max(len(row) for rows in proj_rows for row in rows)
@@ -350,8 +364,14 @@ class _UNFReadout:
         self.rows = torch.tensor([len(r) for r in proj_rows], dtype=torch.int32, device=device)
         self.full_index = torch.tensor([src for _, src, _ in full_rows], dtype=torch.int64).reshape(-1, 1)
         self.full_index = (self.full_index + cols).to(device)
-        self.full_scale = torch.tensor([[sc] for *_, sc in full_rows], dtype=torch.float32, device=device)
+        self.full_scale = torch.tensor([sc for *_, sc in full_rows], dtype=torch.float32, device=device).reshape(-1, 1)
         self.full_seg = torch.tensor([seg for seg, *_ in full_rows], dtype=torch.int64, device=device)
+        # sums by slot and by segment as products with 0/1 matrices: one op each, and deterministic on a GPU
+        # (index_add adds with atomics there, which would break bit-identical graph replays)
+        self.to_slots = _one_hot(full_slot, n_slots, device)  # (slots, whole-entry terms)
+        self.const_slot = torch.tensor(const_slot, dtype=torch.int64, device=device)
+        self.to_segments = _one_hot(const_seg, self.n_segments, device)  # (segments, constant groups)
+        self.const_bias = torch.tensor(const_bias, dtype=torch.int64, device=device)  # -1: none
 
     def _source(self, readout_row: torch.Tensor) -> torch.Tensor:
         weights = [w.reshape(-1) for w in self.head.mix_weights()]
@@ -365,40 +385,49 @@ class _UNFReadout:
 
     def __call__(self, rows: torch.Tensor, sums: torch.Tensor, readout_row: torch.Tensor) -> torch.Tensor:
         """The read-out's (N,) output but its per-element terms (already in row 0), from the kernel's projection
-        rows (R, N) and the last layer's segment sums (T, hidden)."""
+        rows (R, N) and the last layer's segment sums (T, hidden). The whole-entry terms (one per pair of entries)
+        are a handful of vectorised ops: their values, summed per group, then per output entry."""
         src = self._source(readout_row)
-        full = (src[self.full_index] * self.full_scale * sums[self.full_seg]).sum(1) if len(self.full_seg) else None
         bias = self.head.bias_vector()
+        full = (src[self.full_index] * self.full_scale * sums[self.full_seg]).sum(1)  # (whole-entry terms,)
+        slots = self.to_slots @ full
+        value = slots[self.const_slot]
+        if bias is not None:
+            value = value + torch.cat([bias.reshape(-1), bias.new_zeros(1)])[self.const_bias]
+        seg_const = self.to_segments @ value
         contrib = {}
-        for cid, tail, terms, bias_rows in self.groups:
+        for cid, tail, terms, bias_rows, gslot in self.groups:
             acc = None
-            for kind, where, chain, perm in terms:
-                if kind == "row":
-                    inp, r = where
-                    _, start, n, sizes = self.place[inp]
-                    t = rows[r, start:start + n].view((1, 1) + tuple(sizes))
-                    for step in chain:
-                        t = self._reduce_step(t, *step)
-                else:  # (a whole-entry sum: ``chain`` holds its shape after the reductions)
-                    t = full[where].reshape(chain)
+            for (inp, r), chain, perm in terms:
+                _, start, n, sizes = self.place[inp]
+                t = rows[r, start:start + n].view((1, 1) + tuple(sizes))
+                for step in chain:
+                    t = self._reduce_step(t, *step)
                 if perm is not None:
                     t = t.permute(perm)
                 acc = t if acc is None else acc + t
+            if gslot is not None:
+                acc = acc + slots[gslot]
             if bias_rows is not None and bias is not None:
-                b = bias[bias_rows[0]:bias_rows[1]]
-                acc = b if acc is None else acc + b
-            if acc is not None:
-                contrib[cid] = acc.reshape((1,) + tail)
+                acc = acc + bias[bias_rows[0]:bias_rows[1]]
+            contrib[cid] = acc.reshape((1,) + tail)
         outs = []
         for i in self.order:
-            full_shape = (1, 1) + tuple(self.place[i][3])
-            acc = None
+            seg, _, _, sizes = self.place[i]
+            full_shape = (1, 1) + tuple(sizes)
+            acc = seg_const[seg]
             for cid in self.head._plain[i]:
                 if cid in contrib:
-                    acc = contrib[cid] if acc is None else acc + contrib[cid]
-            acc = rows.new_zeros(full_shape) if acc is None else acc.expand(full_shape)
-            outs.append(acc.reshape(-1))
+                    acc = acc + contrib[cid]
+            outs.append(acc.expand(full_shape).reshape(-1))
         return torch.cat(outs)
+
+
+def _one_hot(index: list[int], rows: int, device: torch.device) -> torch.Tensor:
+    """The (rows, len(index)) float 0/1 matrix with a 1 at (index[j], j)."""
+    out = torch.zeros(rows, len(index))
+    out[torch.tensor(index, dtype=torch.int64), torch.arange(len(index))] = 1.0
+    return out.to(device)
 
 
 def _readout_for(f, segments: Segments, device: torch.device) -> _UNFReadout | None:
