@@ -221,11 +221,12 @@ class _FusedStack:
         self.hidden, self.out, self.keep_hidden = hidden, out, keep_hidden
 
     def __call__(self, tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments,
-                 readout: _UNFReadout | None = None
+                 readout: _UNFReadout | None = None, source: torch.Tensor | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """``(read-out (N,), last hidden activations (hidden, N) if kept and no readout, the readout's
         projections (R, N) or None, the last layer's segment sums (T, hidden) or None)``. With ``readout``, the
-        last layer projects onto its rows instead of keeping the hidden activations (row 0 is the read-out)."""
+        last layer projects onto its rows (gathered from ``source``, :meth:`_UNFReadout.source`) instead of
+        keeping the hidden activations (row 0 is the read-out)."""
         x, shared = tensor_features, step_features
         mean = _means(segment_sums(x, segments), segments) if self.hidden[0][1] is not None else None  # (C, T)
         h = sums = rows = None
@@ -248,7 +249,7 @@ class _FusedStack:
             if last:
                 project = self.out[0].weight[0]
                 if readout is not None:
-                    project, n_rows = readout.projections(project)
+                    project, n_rows = readout.projections(source)
             y, sums, proj = fused_layer(x, weight, table, segments,
                                         store=not last or (self.keep_hidden and readout is None),
                                         project=project, sums=pools_next or (last and readout is not None),
@@ -373,21 +374,22 @@ class _UNFReadout:
         self.to_segments = _one_hot(const_seg, self.n_segments, device)  # (segments, constant groups)
         self.const_bias = torch.tensor(const_bias, dtype=torch.int64, device=device)  # -1: none
 
-    def _source(self, readout_row: torch.Tensor) -> torch.Tensor:
+    def source(self, readout_row: torch.Tensor) -> torch.Tensor:
+        """The flat vector the projections and whole-entry terms gather their rows from: the read-out layer's
+        current weights, then ``readout_row`` (the DeepSet read-out's row), then a 0; made once per step."""
         weights = [w.reshape(-1) for w in self.head.mix_weights()]
         return torch.cat(weights + [readout_row.reshape(-1), readout_row.new_zeros(1)])
 
-    def projections(self, readout_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every segment's (R, hidden) projection (row 0: ``readout_row`` plus the per-element terms) and its
-        number of rows, from the current weights."""
-        src = self._source(readout_row)
+    def projections(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every segment's (R, hidden) projection (row 0: the DeepSet read-out's row plus the per-element terms)
+        and its number of rows, from :meth:`source`."""
         return (src[self.index] * self.scale).sum(2), self.rows
 
-    def __call__(self, rows: torch.Tensor, sums: torch.Tensor, readout_row: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, sums: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
         """The read-out's (N,) output but its per-element terms (already in row 0), from the kernel's projection
         rows (R, N) and the last layer's segment sums (T, hidden). The whole-entry terms (one per pair of entries)
-        are a handful of vectorised ops: their values, summed per group, then per output entry."""
-        src = self._source(readout_row)
+        are a handful of vectorised ops: their values, summed per group, then per output entry. ``src``: from
+        :meth:`source`."""
         bias = self.head.bias_vector()
         full = (src[self.full_index] * self.full_scale * sums[self.full_seg]).sum(1)  # (whole-entry terms,)
         slots = self.to_slots @ full
@@ -480,9 +482,10 @@ def fused_forward(f: nn.Module) -> FactoredForward | None:
     def fused(tensor_features: torch.Tensor, step_features: torch.Tensor, segments: Segments) -> torch.Tensor:
         readout = (_readout_for(f, segments, tensor_features.device)
                    if isinstance(f, UNFFamily) and f.fused_readout else None)
-        out, h, rows, sums = stack(tensor_features, step_features, segments, readout)
+        src = readout.source(stack.out[0].weight[0]) if readout is not None else None
+        out, h, rows, sums = stack(tensor_features, step_features, segments, readout, src)
         if readout is not None:
-            return out + readout(rows, sums, stack.out[0].weight[0])
+            return out + readout(rows, sums, src)
         if isinstance(f, UNFFamily):
             out = out + f.unf_readout(h.mT)  # (h.mT of a channels-first buffer: the read-out's layout, no copy)
         return out

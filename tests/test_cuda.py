@@ -355,32 +355,20 @@ def test_fused_step_is_the_default_and_replays_bit_identically(family):
     assert isinstance(graph_of(runs[0][1]), O.graphs.GraphedStep)
 
 
-def test_compiled_step_with_inductor_combo_kernels_matches_the_unfused_step():
-    """A lead for the CNN speed goal, not a default (BENCHMARKS.md: with Inductor's ``combo_kernels``, which
-    launches the read-out's many small reductions together, the compiled UNF step measured 1.07x Adam's in one
-    run): with it on, the compiled fused UNF step still steps as the unfused eager step does."""
+@pytest.mark.parametrize("family,combo", [("deepset", False), ("unf", False), ("unf", True)])
+def test_fused_and_compiled_step_matches_the_unfused_step(family, combo):
+    """``compile=True`` with the fused layers (user Triton kernels inside the compiled step) steps as the unfused
+    eager step does, to float rounding. ``combo``: also with Inductor's ``combo_kernels``, a lead for the CNN speed
+    goal and not a default (BENCHMARKS.md: it launches the read-out's many small reductions together; the compiled
+    UNF step measured 1.07x Adam's with it in one run)."""
     from torch._inductor import config
 
-    with config.patch(combo_kernels=True):
-        x, y, runs = fused_optimizers("unf", [{"compile": True}, {"fused": False, "cuda_graph": False}])
+    with config.patch(combo_kernels=combo):
+        x, y, runs = fused_optimizers(family, [{"compile": True}, {"fused": False, "cuda_graph": False}])
         for i in range(6):
             backward_both(runs, x, y, edit={3: poison_nan}.get(i))
             for _, opt in runs:
                 opt.step()
             for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
                 torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    assert runs[0][1]._flat[0].workspace["fused"]
-
-
-@pytest.mark.parametrize("family", ["deepset", "unf"])
-def test_fused_and_compiled_step_matches_the_unfused_step(family):
-    """``compile=True`` with the fused layers (user Triton kernels inside the compiled step) steps as the unfused
-    eager step does, to float rounding."""
-    x, y, runs = fused_optimizers(family, [{"compile": True}, {"fused": False, "cuda_graph": False}])
-    for i in range(6):
-        backward_both(runs, x, y, edit={3: poison_nan}.get(i))
-        for _, opt in runs:
-            opt.step()
-        for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
     assert runs[0][1]._flat[0].workspace["fused"]

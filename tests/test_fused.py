@@ -147,13 +147,14 @@ def test_projected_unf_readout_equals_the_readout_on_hidden_activations(name):
         h = torch.relu(torch.randn(16, n, generator=g))
         row = torch.randn(16, generator=g)
         with torch.no_grad():
-            proj, rows = readout.projections(row)
+            src = readout.source(row)
+            proj, rows = readout.projections(src)
             buf = torch.full((proj.shape[1], n), float("nan"))
             for k in range(seg.n):
                 cols = (seg.ids == k).nonzero().squeeze(1)
                 buf[:int(rows[k]), cols] = proj[k, :int(rows[k])] @ h[:, cols]
             sums = torch.zeros(seg.n, 16).index_add_(0, seg.ids, h.T)
-            got = buf[0] + readout(buf, sums, row)
+            got = buf[0] + readout(buf, sums, src)
             want = row @ h + f.unf_readout(h.mT)
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * max(1.0, float(want.abs().max())))
